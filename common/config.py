@@ -9,6 +9,7 @@ us allocate a 10^9-entry codebook).
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from typing import Any, ClassVar, TypeVar
@@ -42,9 +43,7 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
             return tuple(_check_type(f"{name}[{i}]", v, args[0]) for i, v in enumerate(value))
         if len(args) != len(value):
             raise ConfigError(f"config field {name!r}: expected {len(args)} items, got {len(value)}")
-        return tuple(
-            _check_type(f"{name}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args, strict=True))
-        )
+        return tuple(_check_type(f"{name}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args, strict=True)))
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -98,3 +97,19 @@ class Config:
             raise ConfigError(f"{cls.__name__}: missing config field(s) {missing}")
         values = {name: _check_type(name, data[name], hints[name]) for name in fields}
         return cls(**values)
+
+    def replace(self: C, overrides: dict[str, Any]) -> C:
+        """A copy with some fields changed, checked as strictly as a config read from JSON."""
+        return type(self).from_dict({**self.to_dict(), **overrides})
+
+    def replace_json(self: C, text: str | None) -> C:
+        """`replace` with a JSON object given on the command line (e.g. --model_config '{"depth": 4}')."""
+        if not text:
+            return self
+        try:
+            overrides = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"model config overrides are not valid JSON: {err}") from err
+        if not isinstance(overrides, dict):
+            raise ConfigError("model config overrides must be a JSON object")
+        return self.replace(overrides)

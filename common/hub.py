@@ -3,8 +3,9 @@
 - Loading reads only those two files; pickles are never opened.
 - Loading is strict: config fields and state-dict keys must match exactly, and the error names the
   first offending field or key.
-- Saving is atomic: everything is written into a temporary sibling directory, which then replaces the
-  target, so a crash mid-save never leaves a half-written model that later loads.
+- Saving is atomic: both files are written into a temporary folder and renamed into place, config
+  last; both carry the same `save_id`, so a crash mid-save never leaves a model that later loads with
+  weights and config from different saves.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from common.config import Config, ConfigError
@@ -47,32 +49,26 @@ def read_json(path: Path, max_bytes: int = MAX_CONFIG_BYTES) -> Any:
         raise ModelLoadError(f"{path} is not valid JSON: {err}") from err
 
 
-def atomic_write_dir(target: str | os.PathLike, write: Any) -> Path:
-    """Call `write(tmp_dir)` to fill a fresh directory, then move it to `target` atomically.
+def atomic_write_files(directory: str | os.PathLike, write: Any, last: str = CONFIG_NAME) -> Path:
+    """Call `write(tmp)` to fill a temporary folder inside `directory`, then move its files into place.
 
-    If `target` already exists it is replaced only after the new content is complete; a crash before
-    that point leaves `target` exactly as it was.
+    Nothing in `directory` changes until every new file is complete and synced; `last` (the config) is
+    moved in after the others, and other files in `directory` (checkpoints, samples) are left alone.
     """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-save-", dir=directory))
     try:
         write(tmp)
-        for f in tmp.iterdir():
-            if f.is_file():
-                with open(f, "rb") as handle:
-                    os.fsync(handle.fileno())
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
+        files = sorted(tmp.iterdir(), key=lambda f: f.name == last)
+        for f in files:
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+        for f in files:
+            os.replace(f, directory / f.name)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return target
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -91,33 +87,37 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
-def load_config(cls: type[Config], directory: Path) -> tuple[Config, str | None]:
-    """Read `config.json` strictly; returns the config and the saved model class name."""
+def load_config(cls: type[Config], directory: Path) -> tuple[Config, dict[str, str | None]]:
+    """Read `config.json` strictly; returns the config and the save's `model_class` and `save_id`."""
     data = read_json(directory / CONFIG_NAME)
     if not isinstance(data, dict):
         raise ModelLoadError(f"{directory / CONFIG_NAME}: expected a JSON object")
     data = dict(data)
-    saved_class = data.pop("model_class", None)
+    meta = {key: data.pop(key, None) for key in ("model_class", "save_id")}
     try:
-        return cls.from_dict(data), saved_class
+        return cls.from_dict(data), meta
     except ConfigError as err:
         raise ModelLoadError(f"{directory / CONFIG_NAME}: {err}") from err
 
 
-def load_weights(directory: Path) -> dict[str, torch.Tensor]:
+def load_weights(directory: Path, save_id: str | None = None) -> dict[str, torch.Tensor]:
+    """Read `model.safetensors`; with `save_id`, check it was written by the same save as the config."""
     path = directory / WEIGHTS_NAME
     if not path.is_file():
         pickles = [name for name in PICKLE_NAMES if (directory / name).exists()]
-        hint = (
-            f" (found {pickles[0]}: pickle files are never loaded, convert it to safetensors)"
-            if pickles
-            else ""
-        )
+        hint = f" (found {pickles[0]}: pickle files are never loaded, convert it to safetensors)" if pickles else ""
         raise ModelLoadError(f"{path} does not exist{hint}")
     try:
-        return load_file(path)
+        with safe_open(path, framework="pt") as handle:
+            found_id = (handle.metadata() or {}).get("save_id")
+        state = load_file(path)
     except (SafetensorError, OSError, ValueError) as err:
         raise ModelLoadError(f"{path} is not a valid safetensors file: {err}") from err
+    if save_id is not None and found_id != save_id:
+        raise ModelLoadError(
+            f"{path} and {CONFIG_NAME} come from different saves (was a save interrupted?); save the model again"
+        )
+    return state
 
 
 def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], where: Path) -> None:
@@ -127,15 +127,18 @@ def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, torch.T
         raise ModelLoadError(f"{where}: missing weight {missing[0]!r} ({len(missing)} missing in all)")
     unexpected = sorted(set(found) - set(expected))
     if unexpected:
-        raise ModelLoadError(
-            f"{where}: unexpected weight {unexpected[0]!r} ({len(unexpected)} unexpected in all)"
-        )
+        raise ModelLoadError(f"{where}: unexpected weight {unexpected[0]!r} ({len(unexpected)} unexpected in all)")
     for key, tensor in expected.items():
         if tuple(found[key].shape) != tuple(tensor.shape):
             raise ModelLoadError(
-                f"{where}: weight {key!r} has shape {tuple(found[key].shape)}, "
-                f"the config expects {tuple(tensor.shape)}"
+                f"{where}: weight {key!r} has shape {tuple(found[key].shape)}, the config expects {tuple(tensor.shape)}"
             )
+
+
+def save_state_dict(state: dict[str, torch.Tensor], path: Path, save_id: str | None = None) -> None:
+    """Write tensors as safetensors; cloned so that tied weights become separate tensors."""
+    metadata = {"format": "pt", **({"save_id": save_id} if save_id else {})}
+    save_file({k: v.detach().cpu().clone().contiguous() for k, v in state.items()}, path, metadata=metadata)
 
 
 class PretrainedModel(torch.nn.Module):
@@ -147,26 +150,26 @@ class PretrainedModel(torch.nn.Module):
         super().__init__()
         self.config = config
 
+    def write_files(self, directory: Path) -> None:
+        """Write `config.json` and `model.safetensors` into an existing directory (not atomic)."""
+        save_id = uuid.uuid4().hex
+        config = {"model_class": type(self).__name__, "save_id": save_id, **self.config.to_dict()}
+        save_state_dict(self.state_dict(), directory / WEIGHTS_NAME, save_id)
+        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        config = {"model_class": type(self).__name__, **self.config.to_dict()}
-        # clone so that tied weights become separate tensors, which safetensors requires
-        state = {k: v.detach().cpu().clone().contiguous() for k, v in self.state_dict().items()}
-
-        def write(tmp: Path) -> None:
-            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-            save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-
-        return atomic_write_dir(directory, write)
+        """Save atomically into `directory`, leaving any other files there alone."""
+        return atomic_write_files(directory, self.write_files)
 
     @classmethod
     def from_pretrained(cls: type[M], directory: str | os.PathLike, device: str | torch.device = "cpu") -> M:
         directory = Path(directory)
         if not directory.is_dir():
             raise ModelLoadError(f"{directory} is not a model directory")
-        config, saved_class = load_config(cls.config_class, directory)
-        if saved_class is not None and saved_class != cls.__name__:
-            raise ModelLoadError(f"{directory / CONFIG_NAME}: holds a {saved_class}, not a {cls.__name__}")
-        state = load_weights(directory)
+        config, meta = load_config(cls.config_class, directory)
+        if meta["model_class"] is not None and meta["model_class"] != cls.__name__:
+            raise ModelLoadError(f"{directory / CONFIG_NAME}: holds a {meta['model_class']}, not a {cls.__name__}")
+        state = load_weights(directory, meta["save_id"])
         model = cls(config)
         check_state_dict(model.state_dict(), state, directory / WEIGHTS_NAME)
         model.load_state_dict(state, strict=True)

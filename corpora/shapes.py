@@ -53,13 +53,7 @@ SPLITS = {"train": 0, "validation": 1}
 
 def _heldout_triples() -> frozenset[tuple[str, str, str]]:
     """10% of color x shape x background triples, fixed forever; "a blue ball on grass" stays seen."""
-    triples = [
-        (c, s, b)
-        for c in COLORS
-        for s in SHAPES
-        for b in BACKGROUNDS
-        if (c, s, b) != ("blue", "ball", "grass")
-    ]
+    triples = [(c, s, b) for c in COLORS for s in SHAPES for b in BACKGROUNDS if (c, s, b) != ("blue", "ball", "grass")]
     return frozenset(random.Random(0).sample(triples, len(COLORS) * len(SHAPES) * len(BACKGROUNDS) // 10))
 
 
@@ -225,9 +219,7 @@ def _background(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
         img *= (1 + 0.05 * np.sin(2 * math.pi * (6 * y + 0.3 * _smooth_noise(rng, size, 4))))[..., None]
         img += 0.035 * fine[..., None]
     elif name == "snow":
-        img = base((0.93, 0.95, 0.98)) - 0.08 * _smooth_noise(rng, size, 6)[..., None] * np.float32(
-            [1.0, 0.7, 0.2]
-        )
+        img = base((0.93, 0.95, 0.98)) - 0.08 * _smooth_noise(rng, size, 6)[..., None] * np.float32([1.0, 0.7, 0.2])
         img += 0.015 * fine[..., None]
     elif name == "water":
         img = base((0.12, 0.38, 0.68))
@@ -239,9 +231,7 @@ def _background(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
         row = np.floor(y * rows)
         offset = (row % 2) * 0.125
         col = np.floor((x + offset) * 4)
-        shade = np.asarray(rng.uniform(0.8, 1.15, (rows + 1, 6)), np.float32)[
-            row.astype(int), col.astype(int)
-        ]
+        shade = np.asarray(rng.uniform(0.8, 1.15, (rows + 1, 6)), np.float32)[row.astype(int), col.astype(int)]
         img = base((0.63, 0.26, 0.18)) * shade[..., None]
         mortar = ((y * rows) % 1 < 0.14) | (((x + offset) * 4) % 1 < 0.06)
         img[mortar] = np.float32([0.78, 0.75, 0.7]) + tint
@@ -267,10 +257,7 @@ def _outline_points(shape: str, cx: float, cy: float, r: float, angle: float) ->
     if shape == "box":
         pts = [(-0.82, -0.82), (0.82, -0.82), (0.82, 0.82), (-0.82, 0.82)]
     elif shape == "triangle":
-        pts = [
-            (math.cos(a) * 1.1, math.sin(a) * 1.1 + 0.18)
-            for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
-        ]
+        pts = [(math.cos(a) * 1.1, math.sin(a) * 1.1 + 0.18) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
     elif shape == "star":
         pts = [
             (
@@ -390,7 +377,7 @@ def _scene_for(job: _Job) -> tuple[Scene, np.random.Generator, random.Random]:
 def _render_job(job: _Job) -> dict:
     scene, rng, text_rng = _scene_for(job)
     name = f"{job.index:08d}.png"
-    render(scene, job.resolution, rng).save(Path(job.out) / job.split / name, optimize=False)
+    render(scene, job.resolution, rng).save(Path(job.out) / job.split / name, compress_level=1)
     return {"file_name": name, "text": caption(scene, text_rng), **asdict(scene), "heldout": scene.heldout}
 
 

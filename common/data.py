@@ -1,0 +1,646 @@
+"""Image-text datasets for every stage: read, check once, convert to RGB, resize, and count what was skipped.
+
+Sources (see DESIGN.md, "Data contract"):
+
+- `--train_data_dir` with `metadata.jsonl` (`{"file_name": ..., "text": ..., <extra columns>}`), flat or with
+  `train/` and `validation/` (or `test/`) subfolders; the format our own corpora are written in.
+- `--train_data_dir` with images and same-named `.txt` captions (`cat.png` + `cat.txt`), flat or with splits.
+- `--dataset_name`: anything `datasets` reads: a hub name, a local parquet/arrow/csv/json file, or a directory
+  written by `save_to_disk`.
+
+Bad rows (unreadable, truncated, huge or tiny images; missing, empty or non-string captions; broken metadata
+lines) are skipped and counted by reason in a `SkipReport`, never fatal. Every image is decoded once by a
+threaded scan that finds them; `cache_images` keeps the resized pixels of that scan in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import stat
+import sys
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from tqdm.auto import tqdm
+
+METADATA_NAME = "metadata.jsonl"
+VALIDATION_SPLITS = ("validation", "valid", "val", "dev", "test")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+DATASET_FILE_BUILDERS = {
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+    ".csv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
+}
+MIN_IMAGE_SIDE = 8
+MAX_CAPTION_CHARS = 1000
+_SCAN_CHUNK = 256
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+class Reason:
+    """Why a row was skipped; CAPTION_TRUNCATED is counted for rows that are kept."""
+
+    MISSING_IMAGE = "missing image"
+    EMPTY_IMAGE = "empty image file"
+    UNREADABLE_IMAGE = "unreadable image"
+    TRUNCATED_IMAGE = "truncated image"
+    IMAGE_TOO_LARGE = "image too large"
+    IMAGE_TOO_SMALL = "image too small"
+    MISSING_CAPTION = "missing caption"
+    EMPTY_CAPTION = "empty caption"
+    NON_STRING_CAPTION = "non-string caption"
+    UNREADABLE_CAPTION = "unreadable caption"
+    NON_UTF8_LINE = "non-UTF-8 metadata line"
+    INVALID_JSON_LINE = "invalid JSON metadata line"
+    CAPTION_TRUNCATED = "caption truncated"
+
+
+class BadImage(ValueError):
+    """An image that cannot be used; `reason` is one of the `Reason` strings."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------- single images
+
+
+def _check_file(path: str | os.PathLike) -> None:
+    """Refuse what is not a non-empty regular file before opening it (a FIFO would block forever)."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError as err:
+        raise BadImage(Reason.MISSING_IMAGE, str(path)) from err
+    except OSError as err:
+        raise BadImage(Reason.UNREADABLE_IMAGE, str(err)) from err
+    if not stat.S_ISREG(info.st_mode):
+        raise BadImage(Reason.UNREADABLE_IMAGE, f"{path} is not a regular file")
+    if info.st_size == 0:
+        raise BadImage(Reason.EMPTY_IMAGE, str(path))
+
+
+def load_image(
+    path_or_bytes: str | os.PathLike | bytes,
+    *,
+    max_pixels: int | None = Image.MAX_IMAGE_PIXELS,
+    min_side: int = MIN_IMAGE_SIDE,
+) -> Image.Image:
+    """Decode an image fully, apply its EXIF orientation and convert it to RGB; raise `BadImage` if unusable.
+
+    The size limits are checked from the header, before any pixel is decoded. Pillow's own limit
+    (`Image.MAX_IMAGE_PIXELS`, whose DecompressionBombError also counts as "image too large") still applies
+    when `max_pixels` is larger.
+    """
+    if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
+        if len(path_or_bytes) == 0:
+            raise BadImage(Reason.EMPTY_IMAGE)
+        source: Any = io.BytesIO(path_or_bytes)
+    else:
+        _check_file(path_or_bytes)
+        source = path_or_bytes
+    try:
+        with Image.open(source) as image:
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise BadImage(Reason.IMAGE_TOO_LARGE, f"{width}x{height} is over {max_pixels} pixels")
+            if min(width, height) < min_side:
+                raise BadImage(Reason.IMAGE_TOO_SMALL, f"{width}x{height} has a side under {min_side}")
+            image.load()
+            return to_rgb(ImageOps.exif_transpose(image))
+    except BadImage:
+        raise
+    except Image.DecompressionBombError as err:
+        raise BadImage(Reason.IMAGE_TOO_LARGE, str(err)) from err
+    except Exception as err:  # Pillow raises many types for corrupt data; none may stop a scan
+        reason = Reason.TRUNCATED_IMAGE if "truncat" in str(err).lower() else Reason.UNREADABLE_IMAGE
+        raise BadImage(reason, f"{type(err).__name__}: {err}") from err
+
+
+def _scale_to_uint8(image: Image.Image) -> Image.Image:
+    """Grayscale 8-bit version of a 16-bit, 32-bit int or float image.
+
+    16-bit modes use their full range; "I" and "F" the smallest of 0-1 (float only), 0-255, 0-65535 that
+    holds the image's maximum, else the maximum itself.
+    """
+    values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    peak = float(values.max(initial=0.0))
+    ranges = {"F": (1.0, 255.0, 65535.0), "I": (255.0, 65535.0)}.get(image.mode, (65535.0,))
+    top = next((r for r in ranges if peak <= r), peak)
+    return Image.fromarray(np.clip(np.round(values * (255.0 / top)), 0, 255).astype(np.uint8))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB version of an image of any mode; transparent pixels are composited on white."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        image = _scale_to_uint8(image)
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
+    """Scale the shorter side to `resolution` (Lanczos) and keep the central `resolution` square."""
+    width, height = image.size
+    if (width, height) == (resolution, resolution):
+        return image
+    side = min(width, height)
+    box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
+    return image.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box)
+
+
+def _to_array(image: Image.Image, resolution: int) -> np.ndarray:
+    """(R, R, 3) uint8 pixels of the resized and cropped image."""
+    return np.array(resize_center_crop(image, resolution))
+
+
+def _to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """(R, R, 3) uint8 -> float (3, R, R) in [-1, 1]."""
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous().float().div_(127.5).sub_(1.0)
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how it is prepared; `add_data_args` exposes the first ten fields as flags."""
+
+    train_data_dir: str | None = None
+    dataset_name: str | None = None
+    dataset_config_name: str | None = None
+    image_column: str | None = None
+    caption_column: str = "text"
+    validation_fraction: float = 0.05
+    resolution: int = 64
+    max_train_samples: int | None = None
+    dataloader_num_workers: int = 0
+    cache_images: bool = False
+    max_image_pixels: int | None = Image.MAX_IMAGE_PIXELS
+    min_image_side: int = MIN_IMAGE_SIDE
+    max_caption_chars: int = MAX_CAPTION_CHARS
+
+    def __post_init__(self) -> None:
+        checks = {
+            "validation_fraction must be in [0, 1)": 0 <= self.validation_fraction < 1,
+            "resolution must be at least 1": self.resolution >= 1,
+            "max_train_samples must be at least 1": self.max_train_samples is None or self.max_train_samples >= 1,
+            "dataloader_num_workers must be at least 0": self.dataloader_num_workers >= 0,
+            "max_image_pixels must be at least 1": self.max_image_pixels is None or self.max_image_pixels >= 1,
+            "min_image_side must be at least 1": self.min_image_side >= 1,
+            "max_caption_chars must be at least 1": self.max_caption_chars >= 1,
+        }
+        for message, ok in checks.items():
+            if not ok:
+                raise ValueError(f"DataConfig: {message}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> DataConfig:
+        """The config from parsed flags; fields without a flag keep their defaults."""
+        given = vars(args)
+        return cls(**{f.name: given[f.name] for f in fields(cls) if f.name in given})
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """Add the data flags (diffusers' names) to a training script's parser."""
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--train_data_dir",
+        help="local folder: images with metadata.jsonl or with same-named .txt captions, "
+        "flat or with train/ and validation/ subfolders",
+    )
+    group.add_argument(
+        "--dataset_name",
+        help="a dataset that datasets.load_dataset reads (hub name or local file), or a save_to_disk folder",
+    )
+    group.add_argument("--dataset_config_name", help="the dataset's configuration, if it has several")
+    group.add_argument(
+        "--image_column", help='column holding the image (default "image"; "file_name" in metadata.jsonl)'
+    )
+    group.add_argument("--caption_column", default=DataConfig.caption_column, help="column holding the caption")
+    group.add_argument(
+        "--validation_fraction",
+        type=float,
+        default=DataConfig.validation_fraction,
+        help="fraction of rows held out for validation when the dataset has no validation split",
+    )
+    group.add_argument(
+        "--resolution", type=int, default=DataConfig.resolution, help="images are resized and cropped to this"
+    )
+    group.add_argument("--max_train_samples", type=int, help="use a random subset of this many training rows")
+    group.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        default=DataConfig.dataloader_num_workers,
+        help="DataLoader worker processes",
+    )
+    group.add_argument(
+        "--cache_images", action="store_true", help="keep the resized images in memory after the first scan"
+    )
+
+
+# ---------------------------------------------------------------- skip report
+
+
+@dataclass
+class SkipReport:
+    """How many rows were kept, and how many were skipped for each reason."""
+
+    kept: int = 0
+    counts: Counter[str] = field(default_factory=Counter)  # by Reason, including CAPTION_TRUNCATED
+
+    @property
+    def skipped(self) -> Counter[str]:
+        """Skipped rows by reason (`counts` without CAPTION_TRUNCATED, which counts kept rows)."""
+        return Counter({r: n for r, n in self.counts.items() if r != Reason.CAPTION_TRUNCATED and n})
+
+    @property
+    def total(self) -> int:
+        return self.kept + self.skipped.total()
+
+    def __str__(self) -> str:
+        line = f"kept {self.kept} of {self.total} rows"
+        skipped = sorted(self.skipped.items(), key=lambda item: (-item[1], item[0]))
+        if skipped:
+            line += "; skipped " + ", ".join(f"{n} {reason}" for reason, n in skipped)
+        if self.counts[Reason.CAPTION_TRUNCATED]:
+            line += f"; {self.counts[Reason.CAPTION_TRUNCATED]} {Reason.CAPTION_TRUNCATED}"
+        return line
+
+
+# ---------------------------------------------------------------- rows before the scan
+
+
+@dataclass
+class _Rows:
+    """Rows of one split: image references, captions, extra columns, printable sources and cached pixels.
+
+    An image reference is a path, or a row number that `fetch` turns into bytes or a path.
+    """
+
+    images: list[Any] = field(default_factory=list)
+    captions: list[Any] = field(default_factory=list)
+    columns: dict[str, list[Any]] = field(default_factory=dict)
+    sources: list[str] = field(default_factory=list)
+    fetch: Callable[[Any], str | bytes] | None = None
+    pixels: list[np.ndarray] | None = None  # (R, R, 3) uint8 per row, when images are cached
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, i: int, config: DataConfig) -> Image.Image:
+        """Row i's image in RGB; raises BadImage."""
+        image = self.images[i] if self.fetch is None else self.fetch(self.images[i])
+        return load_image(image, max_pixels=config.max_image_pixels, min_side=config.min_image_side)
+
+    def append(self, image: Any, caption: Any, source: str, extra: dict[str, Any]) -> None:
+        for name in extra.keys() - self.columns.keys():
+            self.columns[name] = [None] * len(self.images)
+        for name, values in self.columns.items():
+            values.append(extra.get(name))
+        self.images.append(image)
+        self.captions.append(caption)
+        self.sources.append(source)
+
+    def take(self, indices: Sequence[int]) -> _Rows:
+        def pick(values: list[Any]) -> list[Any]:
+            return [values[i] for i in indices]
+
+        columns = {name: pick(values) for name, values in self.columns.items()}
+        pixels = None if self.pixels is None else pick(self.pixels)
+        return _Rows(pick(self.images), pick(self.captions), columns, pick(self.sources), self.fetch, pixels)
+
+
+@dataclass(frozen=True)
+class _ArrowImage:
+    """Reads the image cell of a row of a `datasets.Dataset` whose image column is `Image(decode=False)`."""
+
+    dataset: Any
+    column: str
+
+    def __call__(self, row: int) -> str | bytes:
+        cell = self.dataset[row][self.column] or {}
+        image = cell["bytes"] if cell.get("bytes") is not None else cell.get("path")
+        if image is None:
+            raise BadImage(Reason.MISSING_IMAGE, f"row {row}")
+        return image
+
+
+def _read_metadata(directory: Path, config: DataConfig, report: SkipReport) -> _Rows:
+    """Rows of `directory/metadata.jsonl`; lines that are not UTF-8 JSON objects are counted and skipped."""
+    file_column = config.image_column if config.image_column not in (None, "image") else "file_name"
+    rows = _Rows()
+    with open(directory / METADATA_NAME, "rb") as lines:
+        for raw in lines:
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8").removeprefix("\ufeff"))
+            except UnicodeDecodeError:
+                report.counts[Reason.NON_UTF8_LINE] += 1
+                continue
+            except (ValueError, RecursionError):
+                record = None
+            if not isinstance(record, dict):
+                report.counts[Reason.INVALID_JSON_LINE] += 1
+                continue
+            name = record.pop(file_column, None)
+            if not isinstance(name, str) or not name:
+                report.counts[Reason.MISSING_IMAGE] += 1
+                continue
+            path = str(directory / name)
+            rows.append(path, record.pop(config.caption_column, None), path, record)
+    return rows
+
+
+def _read_caption_file(path: Path, max_chars: int) -> str | None:
+    """The start of a .txt caption (enough to tell it is too long), or None when there is none.
+
+    Raises OSError or ValueError when it is not a regular UTF-8 text file.
+    """
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{path} is not a regular file")
+    with path.open(encoding="utf-8") as file:
+        return file.read(max_chars + 1)
+
+
+def _read_txt_captions(directory: Path, config: DataConfig, report: SkipReport) -> _Rows:
+    """Rows of the images under `directory` with same-named .txt captions; a lone .txt is a missing image."""
+    paths = sorted(directory.rglob("*"))
+    images = [p for p in paths if p.suffix.lower() in IMAGE_EXTENSIONS]
+    stems = {p.with_suffix("") for p in images}
+    report.counts.update(Reason.MISSING_IMAGE for p in paths if p.suffix == ".txt" and p.with_suffix("") not in stems)
+    rows = _Rows()
+    for path in images:
+        try:
+            caption = _read_caption_file(path.with_suffix(".txt"), config.max_caption_chars)
+        except (OSError, ValueError):
+            report.counts[Reason.UNREADABLE_CAPTION] += 1
+            continue
+        rows.append(str(path), caption, str(path), {})
+    return rows
+
+
+def _read_folder(config: DataConfig, report: SkipReport) -> tuple[_Rows, _Rows | None]:
+    """Train and (if the folder has one) validation rows of `config.train_data_dir`."""
+    root = Path(config.train_data_dir)
+    if not root.is_dir():
+        raise ValueError(f"--train_data_dir {root} does not exist or is not a folder")
+
+    def read(directory: Path) -> _Rows:
+        if (directory / METADATA_NAME).is_file():
+            return _read_metadata(directory, config, report)
+        return _read_txt_captions(directory, config, report)
+
+    if (root / METADATA_NAME).is_file() or not (root / "train").is_dir():
+        return read(root), None
+    validation = next((root / name for name in VALIDATION_SPLITS if (root / name).is_dir()), None)
+    return read(root / "train"), None if validation is None else read(validation)
+
+
+def _load_datasets(config: DataConfig) -> Any:
+    """A `datasets.DatasetDict` from a hub name, a local data file or a `save_to_disk` folder."""
+    import datasets  # here, not at the top: only --dataset_name needs it, and it is slow to import
+
+    name = config.dataset_name
+    path = Path(name)
+    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        loaded = datasets.load_from_disk(name)
+    elif path.is_file():
+        builder = DATASET_FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise ValueError(f"--dataset_name {name}: cannot read {path.suffix!r} files")
+        loaded = datasets.load_dataset(builder, data_files=name)
+    else:
+        loaded = datasets.load_dataset(name, config.dataset_config_name)
+    return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
+
+
+def _read_datasets(config: DataConfig) -> tuple[_Rows, _Rows | None]:
+    """Train and (if the dataset has one) validation rows of `config.dataset_name`."""
+    import datasets
+
+    loaded = _load_datasets(config)
+    if "train" not in loaded and len(loaded) != 1:
+        raise ValueError(f"--dataset_name {config.dataset_name}: no 'train' split among {list(loaded)}")
+    image_column = config.image_column or "image"
+
+    def read(split: str) -> _Rows:
+        dataset = loaded[split]
+        for role, column in (("image", image_column), ("caption", config.caption_column)):
+            if column not in dataset.column_names:
+                raise ValueError(
+                    f"--{role}_column {column!r} is not a column of {config.dataset_name} ({split}); "
+                    f"columns: {dataset.column_names}"
+                )
+        images = dataset.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+        extra = [
+            name
+            for name, feature in dataset.features.items()
+            if name not in (image_column, config.caption_column)
+            and isinstance(feature, (datasets.Value, datasets.ClassLabel))
+        ]
+        table = dataset.select_columns([config.caption_column, *extra]).to_dict()
+        return _Rows(
+            images=list(range(len(dataset))),
+            captions=table.pop(config.caption_column),
+            columns=table,
+            sources=[f"{config.dataset_name}:{split}:{row}" for row in range(len(dataset))],
+            fetch=_ArrowImage(images, image_column),
+        )
+
+    validation = next((name for name in VALIDATION_SPLITS if name in loaded), None)
+    train = "train" if "train" in loaded else next(iter(loaded))
+    return read(train), None if validation is None or validation == train else read(validation)
+
+
+# ---------------------------------------------------------------- checks, split and scan
+
+
+def _check_captions(rows: _Rows, report: SkipReport) -> _Rows:
+    """Rows whose caption is a non-blank string (stripped); the others are counted and dropped."""
+    keep, captions = [], []
+    for i, caption in enumerate(rows.captions):
+        if caption is None:
+            report.counts[Reason.MISSING_CAPTION] += 1
+        elif not isinstance(caption, str):
+            report.counts[Reason.NON_STRING_CAPTION] += 1
+        elif not caption.strip():
+            report.counts[Reason.EMPTY_CAPTION] += 1
+        else:
+            keep.append(i)
+            captions.append(caption.strip())
+    rows = rows.take(keep)
+    rows.captions = captions
+    return rows
+
+
+def _validation_size(count: int, fraction: float) -> int:
+    """`fraction` of `count` rows, at least one when there are two or more, always leaving one to train on."""
+    return min(count - 1, max(1, round(count * fraction))) if count >= 2 and fraction > 0 else 0
+
+
+def _sample(rows: _Rows, count: int, rng: np.random.Generator) -> tuple[_Rows, _Rows]:
+    """`count` random rows (kept in their order) and the others."""
+    chosen = np.zeros(len(rows), dtype=bool)
+    chosen[rng.permutation(len(rows))[:count]] = True
+    return rows.take(np.flatnonzero(chosen).tolist()), rows.take(np.flatnonzero(~chosen).tolist())
+
+
+def _scan_threads() -> int:
+    """One scan thread per core this process may use, at most 8 (decoding releases the GIL)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, 8))
+
+
+def _threaded_map(function: Callable[[int], Any], count: int, *, progress: bool, desc: str) -> list[Any]:
+    """[function(i) for i in range(count)] on a thread pool, in chunks, with a progress bar."""
+    chunks = [range(start, min(start + _SCAN_CHUNK, count)) for start in range(0, count, _SCAN_CHUNK)]
+    results: list[Any] = []
+    executor = ThreadPoolExecutor(_scan_threads())
+    try:
+        with tqdm(total=count, desc=desc, unit="img", disable=not progress) as bar:
+            for chunk in executor.map(lambda positions: [function(i) for i in positions], chunks):
+                results += chunk
+                bar.update(len(chunk))
+    finally:
+        executor.shutdown(cancel_futures=True)
+    return results
+
+
+def _scan(rows: _Rows, config: DataConfig, report: SkipReport, *, progress: bool, desc: str) -> _Rows:
+    """The rows whose image decodes, with long captions cut (and resized pixels when caching)."""
+    pixels: list[Any] | None = [None] * len(rows) if config.cache_images else None
+
+    def check(i: int) -> str | None:
+        try:
+            image = rows.load(i, config)
+        except BadImage as err:
+            return err.reason
+        if pixels is not None:
+            pixels[i] = _to_array(image, config.resolution)
+        return None
+
+    with warnings.catch_warnings():  # load_image checks the size itself
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        reasons = _threaded_map(check, len(rows), progress=progress, desc=desc)
+    report.counts.update(reason for reason in reasons if reason is not None)
+    rows.pixels = pixels
+    rows = rows.take([i for i, reason in enumerate(reasons) if reason is None])
+    limit = config.max_caption_chars
+    report.counts.update(Reason.CAPTION_TRUNCATED for caption in rows.captions if len(caption) > limit)
+    rows.captions = [caption[:limit] for caption in rows.captions]
+    return rows
+
+
+# ---------------------------------------------------------------- datasets
+
+
+class ImageTextDataset(torch.utils.data.Dataset):
+    """Checked image-caption rows: item i is {"pixel_values": (3, R, R) in [-1, 1], "text", "index"}."""
+
+    def __init__(self, rows: _Rows, config: DataConfig) -> None:
+        self._rows = rows
+        self._config = config
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if self._rows.pixels is not None:
+            pixels = self._rows.pixels[i]
+        else:
+            pixels = _to_array(self._rows.load(i, self._config), self._config.resolution)
+        return {"pixel_values": _to_tensor(pixels), "text": self._rows.captions[i], "index": i}
+
+    @property
+    def captions(self) -> list[str]:
+        return self._rows.captions
+
+    def column(self, name: str) -> list[Any]:
+        """Values of an extra metadata column (e.g. "color"), None where a row lacks it."""
+        if name not in self._rows.columns:
+            raise KeyError(f"no column {name!r}; extra columns: {sorted(self._rows.columns)}")
+        return self._rows.columns[name]
+
+    def source(self, i: int) -> str:
+        """The image's path, or "dataset:split:row" for rows of a `datasets` dataset."""
+        return self._rows.sources[i]
+
+
+@dataclass
+class ImageTextSplits:
+    """What `load_image_text` returns."""
+
+    train: ImageTextDataset
+    validation: ImageTextDataset
+    report: SkipReport
+
+
+def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack a list of items into {"pixel_values": (B, 3, R, R), "text": [B], "index": (B,)}."""
+    return {
+        "pixel_values": torch.stack([item["pixel_values"] for item in batch]),
+        "text": [item["text"] for item in batch],
+        "index": torch.tensor([item["index"] for item in batch], dtype=torch.long),
+    }
+
+
+def load_image_text(config: DataConfig, *, seed: int = 0, progress: bool = True) -> ImageTextSplits:
+    """Read, check and split the configured data.
+
+    The validation split is the dataset's own, else a `seed`ed random `validation_fraction` of the rows
+    (sized from the rows with a caption, drawn from those whose image decodes). `max_train_samples` keeps a
+    `seed`ed subset of the training rows, chosen before the scan so that a large dataset is not read in full.
+    With `progress` (pass `accelerator.is_main_process`), shows the scan's progress and prints one summary
+    line to stderr; the counts are always in `.report`.
+    """
+    if (config.train_data_dir is None) == (config.dataset_name is None):
+        raise ValueError(
+            "give exactly one of --train_data_dir (a local folder) and --dataset_name "
+            "(a datasets name, a data file or a save_to_disk folder)"
+        )
+    report = SkipReport()
+    train, validation = _read_folder(config, report) if config.train_data_dir else _read_datasets(config)
+    rng = np.random.default_rng(seed)
+    train = _check_captions(train, report)
+    held_out = _validation_size(len(train), config.validation_fraction) if validation is None else 0
+    if config.max_train_samples is not None and len(train) > config.max_train_samples + held_out:
+        train, _ = _sample(train, config.max_train_samples + held_out, rng)
+    train = _scan(train, config, report, progress=progress, desc="checking images")
+    if validation is None:
+        validation, train = _sample(train, min(held_out, max(len(train) - 1, 0)), rng)
+    else:
+        validation = _check_captions(validation, report)
+        validation = _scan(validation, config, report, progress=progress, desc="checking validation images")
+    report.kept = len(train) + len(validation)
+    if len(train) == 0:
+        expected = (
+            f"images listed in metadata.jsonl with a {config.caption_column!r} caption, or images with "
+            "same-named .txt captions"
+            if config.train_data_dir
+            else f"an image column and a {config.caption_column!r} caption column"
+        )
+        source = config.train_data_dir or config.dataset_name
+        raise ValueError(f"no usable rows in {source}: {report}. Expected {expected}.")
+    if progress:
+        print(f"vqclip data: {len(train)} train + {len(validation)} validation rows; {report}", file=sys.stderr)
+    return ImageTextSplits(ImageTextDataset(train, config), ImageTextDataset(validation, config), report)

@@ -1,0 +1,405 @@
+"""The training loop every stage shares: accelerate, deterministic data order, crash-safe checkpoints.
+
+- Data order depends only on (seed, epoch): epoch `e` is a permutation seeded by `seed + e`, each
+  global batch holds `batch_size * num_processes` rows, and process `r` takes the `r`-th slice. So N
+  processes see exactly the rows one process sees with an N-times larger batch, and a resumed run
+  continues where the interrupted one stopped.
+- A checkpoint is written under a temporary name and renamed when complete; `latest` only ever finds
+  complete ones. It holds the weights (safetensors), the optimizer (`torch.load(weights_only=True)`),
+  the scheduler and trainer state (JSON) and each process's RNG state; nothing is pickled.
+- A NaN or infinite loss stops the run, naming the step, before the optimizer can apply it, so the
+  last checkpoint stays good.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from common.data import add_data_args
+from common.hub import atomic_write_text, save_state_dict
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> None:
+    """The flags every stage's training script takes (diffusers' names), plus the data flags."""
+    add_data_args(parser)
+    g = parser.add_argument_group("training")
+    g.add_argument("--output_dir", required=True, help="where checkpoints, samples and the model go")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--train_batch_size", type=int, default=64, help="per process")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--learning_rate", type=float, default=3e-4)
+    g.add_argument("--lr_scheduler", choices=("constant", "cosine", "linear"), default="cosine")
+    g.add_argument("--lr_warmup_steps", type=int, default=100)
+    g.add_argument("--max_train_steps", type=int, default=1000)
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.99)
+    g.add_argument("--adam_weight_decay", type=float, default=0.0)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no")
+    g.add_argument("--checkpointing_steps", type=int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=int, default=3)
+    g.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint folder, or "latest"')
+    g.add_argument("--validation_steps", type=int, default=500, help="sample grid / validation every N steps")
+    g.add_argument("--logging_steps", type=int, default=10)
+    g.add_argument("--report_to", choices=("none", "tensorboard"), default="none")
+    g.add_argument("--detect_anomaly", action="store_true", help="torch.autograd anomaly detection (slow)")
+    parser.set_defaults(**defaults)
+
+
+def check_training_args(args: argparse.Namespace) -> None:
+    """Refuse nonsensical flag values with a message naming the flag."""
+    positive = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if not args.learning_rate > 0 or not math.isfinite(args.learning_rate):
+        raise ValueError(f"--learning_rate must be a positive number, got {args.learning_rate}")
+    if args.lr_warmup_steps < 0:
+        raise ValueError(f"--lr_warmup_steps must be >= 0, got {args.lr_warmup_steps}")
+    if args.report_to == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError as err:
+            raise ValueError("--report_to tensorboard needs the tensorboard package: pip install tensorboard") from err
+
+
+def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if kind == "linear":
+            return 1.0 - progress
+        return 1.0
+
+    return factor
+
+
+class StepBatches:
+    """Infinite, deterministic batches of `(row, epoch)` keys for one process, from micro-batch `start`."""
+
+    def __init__(self, num_rows: int, batch_size: int, world_size: int, rank: int, seed: int, start: int = 0):
+        self.global_batch = batch_size * world_size
+        self.per_epoch = num_rows // self.global_batch
+        if self.per_epoch == 0:
+            raise ValueError(
+                f"the training set has {num_rows} rows, fewer than one global batch of {self.global_batch}; "
+                "lower --train_batch_size"
+            )
+        self.num_rows, self.batch_size, self.rank, self.seed, self.start = (
+            num_rows,
+            batch_size,
+            rank,
+            seed,
+            start,
+        )
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        k = self.start
+        while True:
+            epoch, b = divmod(k, self.per_epoch)
+            order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + epoch))
+            lo = b * self.global_batch + self.rank * self.batch_size
+            yield [(int(i), epoch) for i in order[lo : lo + self.batch_size]]
+            k += 1
+
+
+class KeyedDataset(torch.utils.data.Dataset):
+    """Wraps a dataset so that `(row, epoch)` keys give `transform(sample, generator)`, where the generator
+    is seeded by (seed, epoch, row): augmentation is the same whether or not the run was resumed."""
+
+    def __init__(self, base: torch.utils.data.Dataset, seed: int, transform: Callable | None = None):
+        self.base, self.seed, self.transform = base, seed, transform
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        row, epoch = key
+        sample = self.base[row]
+        if self.transform is None:
+            return sample
+        generator = torch.Generator().manual_seed(hash((self.seed, epoch, row)) % (2**63))
+        return self.transform(sample, generator)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    return tensors, {
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "python": [py_version, list(py_state), py_gauss],
+    }
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    kind, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, state, gauss = plain["python"]
+    random.setstate((version, tuple(state), gauss))
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary, half-written ones are never listed)."""
+    folder = Path(output_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
+@dataclass
+class TrainerHooks:
+    """Callbacks run on the main process with the unwrapped model in eval mode."""
+
+    every: list[tuple[int, Callable[[int, torch.nn.Module], None]]] = field(default_factory=list)
+
+
+class Trainer:
+    """Runs `compute_loss(model, batch, step) -> (loss, logs)` for `args.max_train_steps` optimizer steps."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        model: torch.nn.Module,
+        dataset: torch.utils.data.Dataset,
+        compute_loss: Callable[[torch.nn.Module, Any, int], tuple[torch.Tensor, dict[str, float]]],
+        *,
+        collate: Callable | None = None,
+        transform: Callable | None = None,
+        hooks: TrainerHooks | None = None,
+        project: str = "vqclip",
+    ) -> None:
+        check_training_args(args)
+        self.args = args
+        self.output_dir = Path(args.output_dir)
+        self.accelerator = Accelerator(
+            # with no GPU, `accelerate launch --multi_gpu --num_processes N` runs N CPU processes over gloo
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=args.mixed_precision,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            log_with=None if args.report_to == "none" else args.report_to,
+            project_dir=str(self.output_dir),
+        )
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            if args.report_to != "none":
+                self.accelerator.init_trackers(project, config={k: str(v) for k, v in vars(args).items()})
+        torch.autograd.set_detect_anomaly(args.detect_anomaly)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon,
+            weight_decay=args.adam_weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(args.lr_scheduler, args.lr_warmup_steps, args.max_train_steps)
+        )
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.dataset = KeyedDataset(dataset, args.seed, transform)
+        self.compute_loss = compute_loss
+        self.collate = collate
+        self.hooks = hooks or TrainerHooks()
+        self.step = 0
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> Path:
+        """Write `checkpoints/checkpoint-{step}` atomically; keep at most `checkpoints_total_limit`."""
+        acc = self.accelerator
+        folder = self.output_dir / "checkpoints"
+        final = folder / f"{CHECKPOINT_PREFIX}{self.step}"
+        tmp = folder / f".tmp-{final.name}"  # never listed as a checkpoint
+        if acc.is_main_process:
+            if tmp.exists():  # left by a run killed mid-write
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        tensors, plain = _rng_state()
+        save_file(tensors, tmp / f"rng-{acc.process_index}.safetensors")
+        (tmp / f"rng-{acc.process_index}.json").write_text(json.dumps(plain), encoding="utf-8")
+        if acc.is_main_process:
+            save_state_dict(self.unwrapped.state_dict(), tmp / "model.safetensors")
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            state = {
+                "step": self.step,
+                "num_processes": acc.num_processes,
+                "scheduler": self.scheduler.state_dict(),
+            }
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            for f in tmp.iterdir():
+                with open(f, "rb") as handle:
+                    os.fsync(handle.fileno())
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in list_checkpoints(self.output_dir)[: -self.args.checkpoints_total_limit]:
+                shutil.rmtree(old)
+        acc.wait_for_everyone()
+        return final
+
+    def resume(self) -> None:
+        """Load `--resume_from_checkpoint` (a path or "latest") if given; sets `self.step`."""
+        spec = self.args.resume_from_checkpoint
+        if not spec:
+            return
+        if spec == "latest":
+            found = list_checkpoints(self.output_dir)
+            if not found:
+                self.accelerator.print(f"no checkpoint in {self.output_dir / 'checkpoints'}; starting from step 0")
+                return
+            path = found[-1]
+        else:
+            path = Path(spec)
+            if not (path / "trainer_state.json").is_file():
+                raise ValueError(f"--resume_from_checkpoint {spec}: not a checkpoint folder")
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        self.unwrapped.load_state_dict(load_file(path / "model.safetensors"), strict=True)
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+        self.scheduler.load_state_dict(state["scheduler"])
+        rank = self.accelerator.process_index
+        if state["num_processes"] == self.accelerator.num_processes:
+            plain = json.loads((path / f"rng-{rank}.json").read_text(encoding="utf-8"))
+            _set_rng_state(load_file(path / f"rng-{rank}.safetensors"), plain)
+        self.step = int(state["step"])
+        metrics = self.output_dir / "metrics.jsonl"
+        if self.accelerator.is_main_process and metrics.is_file():  # drop what was logged after the checkpoint
+            lines = metrics.read_text(encoding="utf-8").splitlines(keepends=True)
+            kept = [line for line in lines if _logged_step(line) <= self.step]
+            atomic_write_text(metrics, "".join(kept))
+        self.accelerator.print(f"resumed from {path} at step {self.step}")
+
+    # ------------------------------------------------------------ the loop
+
+    def _loader(self) -> Iterator[Any]:
+        acc = self.accelerator
+        batches = StepBatches(
+            len(self.dataset),
+            self.args.train_batch_size,
+            acc.num_processes,
+            acc.process_index,
+            self.args.seed,
+            start=self.step * self.args.gradient_accumulation_steps,
+        )
+        workers = getattr(self.args, "dataloader_num_workers", 0) or 0
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=batches, collate_fn=self.collate, num_workers=workers
+        )
+        for batch in loader:
+            yield _to_device(batch, acc.device)
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        bad = self.accelerator.reduce((~torch.isfinite(loss.detach())).float().reshape(1), reduction="sum")
+        if bad.item() > 0:
+            last = list_checkpoints(self.output_dir)
+            kept = f"; the last good checkpoint is {last[-1]}" if last else ""
+            raise NonFiniteLossError(f"the loss became {loss.item()} at step {self.step + 1}{kept}")
+
+    def fit(self) -> None:
+        acc, args = self.accelerator, self.args
+        self.resume()
+        data = self._loader()
+        bar = tqdm(total=args.max_train_steps, initial=self.step, desc="training", disable=not acc.is_main_process)
+        self.model.train()
+        while self.step < args.max_train_steps:
+            logs: dict[str, float] = {}
+            for _ in range(args.gradient_accumulation_steps):
+                batch = next(data)
+                with acc.accumulate(self.model):
+                    loss, logs = self.compute_loss(self.model, batch, self.step)
+                    self._check_finite(loss)
+                    acc.backward(loss)
+                    if acc.sync_gradients and args.max_grad_norm > 0:
+                        acc.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.step += 1
+            logs = {"loss": float(loss.detach()), **logs, "lr": self.scheduler.get_last_lr()[0]}
+            bar.update()
+            if self.step % args.logging_steps == 0 or self.step == args.max_train_steps:
+                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
+                self._log(logs)
+            if self.step % args.checkpointing_steps == 0 or self.step == args.max_train_steps:
+                self.save_checkpoint()
+            self.run_hooks(final=self.step == args.max_train_steps)
+        bar.close()
+        acc.end_training()
+
+    def run_hooks(self, final: bool = False) -> None:
+        due = [fn for every, fn in self.hooks.every if final or self.step % every == 0]
+        if not due or not self.accelerator.is_main_process:
+            self.accelerator.wait_for_everyone()
+            return
+        model = self.unwrapped
+        model.eval()
+        with torch.no_grad():
+            for fn in due:
+                fn(self.step, model)
+        model.train()
+        self.accelerator.wait_for_everyone()
+
+    def _log(self, logs: dict[str, float]) -> None:
+        self.accelerator.log(logs, step=self.step)
+        if self.accelerator.is_main_process:
+            with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"step": self.step, **logs}) + "\n")
+
+
+def _logged_step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 0
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch

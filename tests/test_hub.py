@@ -1,0 +1,170 @@
+import json
+import os
+import pickle
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from common.config import Config, ConfigError
+from common.hub import CONFIG_NAME, WEIGHTS_NAME, ModelLoadError, PretrainedModel
+
+
+@dataclass
+class TinyConfig(Config):
+    width: int = 4
+    depth: int = 2
+    scale: float = 1.0
+    name: str = "tiny"
+    kernel: tuple[int, int] = (3, 3)
+    limits = {"width": (1, 4096), "depth": (1, 64)}
+
+
+class Tiny(PretrainedModel):
+    config_class = TinyConfig
+
+    def __init__(self, config: TinyConfig) -> None:
+        super().__init__(config)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(config.width, config.width) for _ in range(config.depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.tanh(layer(x)) * self.config.scale
+        return x
+
+
+def test_round_trip_gives_identical_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = Tiny(TinyConfig(width=8, depth=3, scale=0.5, kernel=(5, 1)))
+    x = torch.randn(4, 8)
+    model.save_pretrained(tmp_path / "m")
+    loaded = Tiny.from_pretrained(tmp_path / "m")
+    assert loaded.config == model.config
+    assert torch.equal(loaded(x), model(x))
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+
+
+def _edit_config(directory, **changes):
+    path = directory / CONFIG_NAME
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"width": 16}, "layers.0.weight"),  # weights no longer fit the config
+        ({"depth": 2}, "unexpected weight 'layers.2.bias'"),
+        ({"colour": 3}, "unknown config field(s) ['colour']"),
+        ({"width": "8"}, "'width'"),
+        ({"scale": True}, "'scale'"),
+        ({"kernel": [3]}, "'kernel'"),
+        ({"width": 10**9}, "'width'"),
+        ({"model_class": "Other"}, "holds a Other"),
+    ],
+)
+def test_mismatch_names_the_offender(tmp_path, changes, message):
+    Tiny(TinyConfig(width=8, depth=3)).save_pretrained(tmp_path / "m")
+    _edit_config(tmp_path / "m", **changes)
+    with pytest.raises(ModelLoadError) as err:
+        Tiny.from_pretrained(tmp_path / "m")
+    assert message in str(err.value)
+
+
+def test_missing_field_is_refused(tmp_path):
+    Tiny(TinyConfig()).save_pretrained(tmp_path / "m")
+    data = json.loads((tmp_path / "m" / CONFIG_NAME).read_text())
+    del data["depth"]
+    (tmp_path / "m" / CONFIG_NAME).write_text(json.dumps(data))
+    with pytest.raises(ModelLoadError, match=r"missing config field\(s\) \['depth'\]"):
+        Tiny.from_pretrained(tmp_path / "m")
+
+
+def test_config_limits_checked_on_construction():
+    with pytest.raises(ConfigError, match="'depth'"):
+        TinyConfig(depth=0)
+
+
+def test_pickle_weights_are_never_loaded(tmp_path):
+    directory = tmp_path / "m"
+    Tiny(TinyConfig()).save_pretrained(directory)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    # a pickle posing as the weights file, and one beside a missing weights file
+    (directory / WEIGHTS_NAME).write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(ModelLoadError, match="not a valid safetensors file"):
+        Tiny.from_pretrained(directory)
+    (directory / WEIGHTS_NAME).unlink()
+    (directory / "pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(ModelLoadError, match="pickle files are never loaded"):
+        Tiny.from_pretrained(directory)
+    assert not marker.exists()
+
+
+def test_saving_over_a_model_replaces_it_and_keeps_other_files(tmp_path):
+    Tiny(TinyConfig(width=4)).save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "checkpoints").mkdir()
+    Tiny(TinyConfig(width=6)).save_pretrained(tmp_path / "m")
+    assert Tiny.from_pretrained(tmp_path / "m").config.width == 6
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["checkpoints", CONFIG_NAME, WEIGHTS_NAME]
+
+
+def test_weights_and_config_from_different_saves_are_refused(tmp_path):
+    Tiny(TinyConfig(width=4)).save_pretrained(tmp_path / "a")
+    Tiny(TinyConfig(width=4)).save_pretrained(tmp_path / "b")
+    (tmp_path / "b" / WEIGHTS_NAME).replace(tmp_path / "a" / WEIGHTS_NAME)
+    with pytest.raises(ModelLoadError, match="come from different saves"):
+        Tiny.from_pretrained(tmp_path / "a")
+
+
+KILLED_WRITER = """
+import os, sys, torch
+import common.hub as hub
+from tests.test_hub import Tiny, TinyConfig
+
+real_save = hub.save_file
+def save_then_die(state, path, metadata=None):
+    real_save(state, path, metadata=metadata)
+    with open(path, "r+b") as f:  # half-written file, then the process is killed
+        f.truncate(os.path.getsize(path) // 2)
+    os._exit(9)
+hub.save_file = save_then_die
+Tiny(TinyConfig(width=8)).save_pretrained(sys.argv[1])
+"""
+
+
+def test_killed_write_leaves_previous_model_intact(tmp_path):
+    torch.manual_seed(0)
+    old = Tiny(TinyConfig(width=4))
+    old.save_pretrained(tmp_path / "m")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-c", KILLED_WRITER, str(tmp_path / "m")], cwd=root, capture_output=True, check=False
+    )
+    assert result.returncode == 9, result.stderr.decode()
+    loaded = Tiny.from_pretrained(tmp_path / "m")
+    assert loaded.config.width == 4
+    x = torch.randn(2, 4)
+    assert torch.equal(loaded(x), old(x))
+
+
+def test_not_a_directory(tmp_path):
+    with pytest.raises(ModelLoadError, match="is not a model directory"):
+        Tiny.from_pretrained(tmp_path / "nothing")
+
+
+def test_huge_or_broken_config_refused(tmp_path):
+    Tiny(TinyConfig()).save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / CONFIG_NAME).write_text("{not json")
+    with pytest.raises(ModelLoadError, match="not valid JSON"):
+        Tiny.from_pretrained(tmp_path / "m")
+    (tmp_path / "m" / CONFIG_NAME).write_text(" " * (2 << 20))
+    with pytest.raises(ModelLoadError, match="refusing to read it"):
+        Tiny.from_pretrained(tmp_path / "m")

@@ -1,0 +1,98 @@
+import hashlib
+import json
+import random
+
+import numpy as np
+import pytest
+
+from corpora import shapes
+
+
+def _digest(folder):
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(folder)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _rows(folder, split):
+    lines = (folder / split / "metadata.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_build_is_deterministic_whatever_the_worker_count(tmp_path):
+    shapes.build(tmp_path / "a", 60, resolution=32, seed=3, workers=1, progress=False)
+    shapes.build(tmp_path / "b", 60, resolution=32, seed=3, workers=2, progress=False)
+    shapes.build(tmp_path / "c", 60, resolution=32, seed=4, workers=1, progress=False)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+
+
+def test_training_split_never_shows_a_heldout_composition(tmp_path):
+    counts = shapes.build(tmp_path, 400, resolution=16, seed=0, val_fraction=0.25, workers=1, progress=False)
+    assert counts == {"train": 300, "validation": 100}
+    train, val = _rows(tmp_path, "train"), _rows(tmp_path, "validation")
+    assert len(train) == 300 and len(val) == 100
+    assert not any((r["color"], r["shape"], r["background"]) in shapes.HELDOUT for r in train)
+    assert not any(r["heldout"] for r in train)
+    heldout_val = [r for r in val if r["heldout"]]
+    assert 30 <= len(heldout_val) <= 70  # half of validation, by default
+    assert all((r["color"], r["shape"], r["background"]) in shapes.HELDOUT for r in heldout_val)
+    assert all((tmp_path / "train" / r["file_name"]).is_file() for r in train)
+
+
+def test_heldout_set_is_fixed_and_keeps_the_demo_prompt():
+    assert len(shapes.HELDOUT) == 40
+    assert ("blue", "ball", "grass") not in shapes.HELDOUT
+    assert shapes._heldout_triples() == shapes.HELDOUT
+    # every color, shape and background still appears in training
+    seen = set(shapes.SEEN)
+    for i, values in enumerate((shapes.COLORS, shapes.SHAPES, shapes.BACKGROUNDS)):
+        assert {t[i] for t in seen} == set(values)
+
+
+def test_captions_parse_back_to_their_scene():
+    rng = np.random.default_rng(0)
+    for i in range(500):
+        scene = shapes.sample_scene(rng)
+        text = shapes.caption(scene, random.Random(i))
+        parsed = shapes.parse_prompt(text)
+        assert {"shape"} <= parsed.keys(), text
+        for attribute, value in parsed.items():
+            assert getattr(scene, attribute) == value, (text, parsed, scene)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        ("a blue ball on grass", {"color": "blue", "shape": "ball", "background": "grass"}),
+        ("Blue sphere lying on green grass!", {"color": "blue", "shape": "ball", "background": "grass"}),
+        ("a green star in the night sky", {"color": "green", "shape": "star", "background": "night sky"}),
+        ("a tiny white cube on the left, against a blue sky", {
+            "color": "white", "shape": "box", "size": "small", "position": "left", "background": "sky"
+        }),
+        ("a heart", {"shape": "heart"}),
+        ("", {}),
+    ],
+)  # fmt: skip
+def test_parse_prompt(prompt, expected):
+    assert shapes.parse_prompt(prompt) == expected
+
+
+def test_render_any_resolution_is_rgb():
+    scene = shapes.Scene("red", "star", "brick wall", "large", "center")
+    for resolution in (16, 64, 128):
+        image = shapes.render(scene, resolution, np.random.default_rng(0))
+        assert image.mode == "RGB" and image.size == (resolution, resolution)
+    # the object is drawn where the scene says: the center is red, the corner is not
+    pixels = np.asarray(shapes.render(scene, 64, np.random.default_rng(1)), dtype=float)
+    assert pixels[32, 32, 0] > 150 and pixels[32, 32, 1] < 90
+    assert np.abs(pixels[2, 2] - pixels[32, 32]).sum() > 60
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="num_images"):
+        shapes.build("/nonexistent", 1)
+    with pytest.raises(ValueError, match="resolution"):
+        shapes.build("/nonexistent", 10, resolution=4)

@@ -1,0 +1,347 @@
+"""The VQ-VAE image tokenizer: conv encoder -> vector quantizer -> conv decoder.
+
+`encode(pixels) -> codes (B, h, w)`, `decode(codes) -> pixels in [-1, 1]`, and `forward(pixels) ->
+VQVAEOutput`. The quantizer looks codes up in a low-dimensional, optionally l2-normalized space
+(LlamaGen's remedy for codebook collapse), can update its codebook by EMA instead of by gradient,
+initializes the codebook from the first batch of encoder outputs, and restarts codes that fall out of
+use. Codebook usage and perplexity are computed on every forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from common.config import Config, ConfigError
+from common.hub import PretrainedModel
+
+
+@dataclass
+class VQVAEConfig(Config):
+    resolution: int = 64
+    in_channels: int = 3
+    base_channels: int = 64
+    # one entry per resolution level; the image is downsampled by 2 ** (len(channel_mult) - 1)
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 1
+    latent_channels: int = 64
+    codebook_size: int = 512
+    codebook_dim: int = 8
+    l2_normalize: bool = True
+    beta: float = 0.25
+    ema: bool = False
+    ema_decay: float = 0.99
+    # a code whose running usage falls below this fraction of uniform usage is restarted
+    dead_code_threshold: float = 0.03
+
+    limits = {
+        "resolution": (8, 1024),
+        "in_channels": (1, 4),
+        "base_channels": (1, 1024),
+        "channel_mult": (1, 16),
+        "num_res_blocks": (0, 8),
+        "latent_channels": (1, 1024),
+        "codebook_size": (2, 65536),
+        "codebook_dim": (1, 1024),
+        "beta": (0.0, 10.0),
+        "ema_decay": (0.0, 1.0),
+        "dead_code_threshold": (0.0, 1.0),
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        if not 1 <= len(self.channel_mult) <= 6:
+            raise ConfigError(f"config field 'channel_mult': needs 1 to 6 levels, got {len(self.channel_mult)}")
+        if self.resolution % self.downsample_factor:
+            raise ConfigError(
+                f"config field 'resolution': {self.resolution} is not divisible by the downsampling factor "
+                f"{self.downsample_factor}"
+            )
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def grid_size(self) -> int:
+        return self.resolution // self.downsample_factor
+
+
+PRESETS: dict[str, VQVAEConfig] = {
+    # tiny: for tests
+    "tiny": VQVAEConfig(
+        resolution=16,
+        base_channels=8,
+        channel_mult=(1, 2),
+        latent_channels=8,
+        codebook_size=16,
+        codebook_dim=4,
+    ),
+    # shapes world, 64 px -> 8 x 8 codes
+    "shapes-f8": VQVAEConfig(channel_mult=(1, 2, 2, 4), codebook_size=512),
+    # 64 px -> 16 x 16 codes
+    "f4": VQVAEConfig(channel_mult=(1, 2, 2), codebook_size=1024),
+}
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(32, channels), channels, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(
+            _norm(in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1),
+            _norm(out_ch), nn.SiLU(), nn.Conv2d(out_ch, out_ch, 3, padding=1),
+        )  # fmt: skip
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.skip(x) + self.block(x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, c: VQVAEConfig) -> None:
+        super().__init__()
+        widths = [c.base_channels * m for m in c.channel_mult]
+        layers: list[nn.Module] = [nn.Conv2d(c.in_channels, widths[0], 3, padding=1)]
+        ch = widths[0]
+        for level, width in enumerate(widths):
+            for _ in range(c.num_res_blocks):
+                layers.append(ResBlock(ch, width))
+                ch = width
+            if level < len(widths) - 1:
+                layers.append(nn.Conv2d(ch, ch, 4, stride=2, padding=1))
+        layers += [ResBlock(ch, ch), _norm(ch), nn.SiLU(), nn.Conv2d(ch, c.latent_channels, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (B, 3, H, W) -> (B, latent, H/f, W/f)
+
+
+class Decoder(nn.Module):
+    def __init__(self, c: VQVAEConfig) -> None:
+        super().__init__()
+        widths = [c.base_channels * m for m in c.channel_mult][::-1]
+        ch = widths[0]
+        layers: list[nn.Module] = [nn.Conv2d(c.latent_channels, ch, 3, padding=1), ResBlock(ch, ch)]
+        for level, width in enumerate(widths):
+            for _ in range(c.num_res_blocks):
+                layers.append(ResBlock(ch, width))
+                ch = width
+            if level < len(widths) - 1:
+                layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)]
+        layers += [_norm(ch), nn.SiLU(), nn.Conv2d(ch, c.in_channels, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)  # (B, latent, h, w) -> (B, 3, H, W)
+
+
+@dataclass
+class QuantizerOutput:
+    quantized: torch.Tensor  # (B, D, h, w) straight-through: forward value z_q, gradient to z_e
+    codes: torch.Tensor  # (B, h, w) long
+    commitment_loss: torch.Tensor  # beta * ||z_e - sg(z_q)||^2
+    codebook_loss: torch.Tensor  # ||sg(z_e) - z_q||^2 (zero with EMA updates)
+    perplexity: torch.Tensor  # exp(entropy of the batch's code histogram)
+    usage: torch.Tensor  # fraction of codes used in this batch
+
+
+def _all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from every process (same shape on each), or return it when not distributed."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x)
+    return x
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-neighbour quantizer with a straight-through gradient.
+
+    Training-time codebook updates (data init, EMA, dead-code restart) use statistics gathered over
+    all processes and the same random choices on each, so the codebook stays identical everywhere.
+    """
+
+    def __init__(self, dim: int, codebook_size: int, codebook_dim: int, c: VQVAEConfig) -> None:
+        super().__init__()
+        self.codebook_size = codebook_size
+        self.beta = c.beta
+        self.l2_normalize = c.l2_normalize
+        self.ema = c.ema
+        self.ema_decay = c.ema_decay
+        self.dead_code_threshold = c.dead_code_threshold
+        self.project_in = nn.Conv2d(dim, codebook_dim, 1) if dim != codebook_dim else nn.Identity()
+        self.project_out = nn.Conv2d(codebook_dim, dim, 1) if dim != codebook_dim else nn.Identity()
+        self.codebook = nn.Parameter(torch.randn(codebook_size, codebook_dim) / math.sqrt(codebook_dim))
+        self.codebook.requires_grad_(not c.ema)
+        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("usage_ema", torch.full((codebook_size,), 1.0 / codebook_size))
+        self.register_buffer("ema_sum", self.codebook.detach().clone())
+        self.register_buffer("ema_count", torch.ones(codebook_size))
+
+    def lookup_table(self) -> torch.Tensor:
+        return F.normalize(self.codebook, dim=-1) if self.l2_normalize else self.codebook
+
+    def _prepare(self, z: torch.Tensor) -> torch.Tensor:
+        z = self.project_in(z)
+        return F.normalize(z, dim=1) if self.l2_normalize else z
+
+    def nearest(self, flat: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest codebook entry for each row of `flat` (N, D)."""
+        table = self.lookup_table()
+        distances = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ table.t() + table.pow(2).sum(1)[None]
+        return distances.argmin(1)
+
+    def embed(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) codes -> (B, dim, h, w) decoder input."""
+        z_q = rearrange(self.lookup_table()[codes], "b h w d -> b d h w")
+        return self.project_out(z_q)
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        z_e = self._prepare(z)  # (B, D, h, w)
+        b, _, h, w = z_e.shape
+        flat = rearrange(z_e, "b d h w -> (b h w) d")
+        if self.training:
+            self._update_codebook(flat.detach())
+        codes = self.nearest(flat.detach())
+        z_q = self.lookup_table()[codes]  # (N, D)
+        commitment = self.beta * F.mse_loss(flat, z_q.detach())
+        codebook = F.mse_loss(flat.detach(), z_q) if not self.ema else flat.new_zeros(())
+        z_q = flat + (z_q - flat).detach()  # straight-through estimator
+        counts = torch.bincount(codes, minlength=self.codebook_size).float()
+        probs = counts / counts.sum()
+        perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-10))).sum())
+        if self.training:
+            self._track_usage(codes)
+        quantized = self.project_out(rearrange(z_q, "(b h w) d -> b d h w", b=b, h=h, w=w))
+        return QuantizerOutput(
+            quantized=quantized,
+            codes=codes.view(b, h, w),
+            commitment_loss=commitment,
+            codebook_loss=codebook,
+            perplexity=perplexity,
+            usage=(counts > 0).float().mean(),
+        )
+
+    @torch.no_grad()
+    def _update_codebook(self, flat: torch.Tensor) -> None:
+        everyone = _all_gather_cat(flat)
+        if not bool(self.initialized):
+            self._init_from_data(everyone)
+        if self.ema:
+            codes = self.nearest(everyone)
+            one_hot = F.one_hot(codes, self.codebook_size).type_as(everyone)
+            self.ema_count.mul_(self.ema_decay).add_(one_hot.sum(0), alpha=1 - self.ema_decay)
+            self.ema_sum.mul_(self.ema_decay).add_(one_hot.t() @ everyone, alpha=1 - self.ema_decay)
+            n = self.ema_count.sum()
+            count = (self.ema_count + 1e-5) / (n + self.codebook_size * 1e-5) * n  # Laplace smoothing
+            self.codebook.data.copy_(self.ema_sum / count[:, None])
+        self.restart_dead_codes(everyone)
+
+    def _generator(self, flat: torch.Tensor) -> torch.Generator:
+        """The same random stream on every process: seeded from the gathered data itself."""
+        seed = int(flat.abs().sum().item() * 1e4) % (2**31)
+        return torch.Generator(device=flat.device).manual_seed(seed)
+
+    def _init_from_data(self, flat: torch.Tensor) -> None:
+        pick = torch.randint(
+            0, flat.shape[0], (self.codebook_size,), generator=self._generator(flat), device=flat.device
+        )
+        self.codebook.data.copy_(flat[pick])
+        self.ema_sum.copy_(flat[pick])
+        self.ema_count.fill_(1.0)
+        self.initialized.fill_(True)
+
+    def _track_usage(self, codes: torch.Tensor) -> None:
+        counts = _all_reduce_sum(torch.bincount(codes, minlength=self.codebook_size).float())
+        self.usage_ema.mul_(0.99).add_(counts / counts.sum(), alpha=0.01)
+
+    @torch.no_grad()
+    def restart_dead_codes(self, flat: torch.Tensor) -> int:
+        """Move codes whose running usage is below the threshold onto random encoder outputs."""
+        dead = self.usage_ema < self.dead_code_threshold / self.codebook_size
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return 0
+        pick = torch.randint(0, flat.shape[0], (n_dead,), generator=self._generator(flat), device=flat.device)
+        self.codebook.data[dead] = flat[pick]
+        self.ema_sum[dead] = flat[pick]
+        self.ema_count[dead] = 1.0
+        self.usage_ema[dead] = 1.0 / self.codebook_size
+        return n_dead
+
+
+@dataclass
+class VQVAEOutput:
+    reconstruction: torch.Tensor  # (B, 3, H, W)
+    codes: torch.Tensor  # (B, h, w)
+    commitment_loss: torch.Tensor
+    codebook_loss: torch.Tensor
+    perplexity: torch.Tensor
+    usage: torch.Tensor
+
+
+class VQVAE(PretrainedModel):
+    config_class = VQVAEConfig
+
+    def __init__(self, config: VQVAEConfig) -> None:
+        super().__init__(config)
+        self.encoder = Encoder(config)
+        self.quantizer = VectorQuantizer(config.latent_channels, config.codebook_size, config.codebook_dim, config)
+        self.decoder = Decoder(config)
+
+    def _check_pixels(self, pixels: torch.Tensor) -> None:
+        c = self.config
+        if pixels.ndim != 4 or pixels.shape[1] != c.in_channels:
+            raise ValueError(f"expected pixels of shape (B, {c.in_channels}, H, W), got {tuple(pixels.shape)}")
+        if pixels.shape[-1] % c.downsample_factor or pixels.shape[-2] % c.downsample_factor:
+            raise ValueError(
+                f"image size {tuple(pixels.shape[-2:])} is not divisible by the downsampling factor "
+                f"{c.downsample_factor}"
+            )
+
+    def forward(self, pixels: torch.Tensor) -> VQVAEOutput:
+        self._check_pixels(pixels)
+        q = self.quantizer(self.encoder(pixels))
+        return VQVAEOutput(
+            reconstruction=self.decoder(q.quantized),
+            codes=q.codes,
+            commitment_loss=q.commitment_loss,
+            codebook_loss=q.codebook_loss,
+            perplexity=q.perplexity,
+            usage=q.usage,
+        )
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, H/f, W/f) codes."""
+        self._check_pixels(pixels)
+        z = self.quantizer._prepare(self.encoder(pixels))
+        b, _, h, w = z.shape
+        return self.quantizer.nearest(rearrange(z, "b d h w -> (b h w) d")).view(b, h, w)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) codes -> (B, 3, H, W) pixels in [-1, 1]."""
+        if codes.ndim != 3:
+            raise ValueError(f"expected codes of shape (B, h, w), got {tuple(codes.shape)}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.config.codebook_size):
+            raise ValueError(
+                f"codes must lie in [0, {self.config.codebook_size}), got {int(codes.min())}..{int(codes.max())}"
+            )
+        return self.decoder(self.quantizer.embed(codes)).clamp(-1, 1)

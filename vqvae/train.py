@@ -1,0 +1,102 @@
+"""Train the VQ-VAE tokenizer.
+
+    accelerate launch -m vqvae.train --train_data_dir data/shapes --output_dir models/vqvae \
+        --preset shapes-f8 --max_train_steps 5000
+
+Writes checkpoints under OUTPUT_DIR/checkpoints, reconstruction grids under OUTPUT_DIR/samples, and at
+the end the model (config.json + model.safetensors), `reconstruction.png` and `eval.json` (PSNR, SSIM,
+codebook usage, perplexity and dead codes on the validation split) in OUTPUT_DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import set_seed
+
+from common.data import DataConfig, collate, load_image_text
+from common.metrics import psnr
+from common.training import Trainer, TrainerHooks, add_training_args
+from vqvae.evaluate import evaluate, reconstruction_grid
+from vqvae.model import PRESETS, VQVAE
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="vqvae.train", description=__doc__.splitlines()[0])
+    model = parser.add_argument_group("model")
+    model.add_argument("--preset", choices=sorted(PRESETS), default="f4", help="named model config")
+    model.add_argument("--model_config", help="JSON object of config fields overriding the preset")
+    model.add_argument("--reconstruction_loss", choices=("l1", "mse"), default="l1")
+    model.add_argument("--num_grid_images", type=int, default=8, help="images in the reconstruction grid")
+    add_training_args(parser, learning_rate=3e-4, train_batch_size=64, max_train_steps=5000)
+    return parser.parse_args(argv)
+
+
+def build_model(args: argparse.Namespace) -> VQVAE:
+    config = PRESETS[args.preset].replace({"resolution": args.resolution}).replace_json(args.model_config)
+    return VQVAE(config)
+
+
+def make_loss(args: argparse.Namespace):
+    reconstruction_loss = F.l1_loss if args.reconstruction_loss == "l1" else F.mse_loss
+
+    def compute_loss(model: torch.nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        pixels = batch["pixel_values"]
+        out = model(pixels)
+        loss = reconstruction_loss(out.reconstruction, pixels) + out.commitment_loss + out.codebook_loss
+        logs = {
+            "psnr": psnr(out.reconstruction.detach(), pixels).mean().item(),
+            "usage": out.usage.item(),
+            "perplexity": out.perplexity.item(),
+        }
+        return loss, logs
+
+    return compute_loss
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
+    args = parse_args(argv)
+    set_seed(args.seed)
+    data = load_image_text(DataConfig.from_args(args), seed=args.seed)
+    model = build_model(args)
+    output_dir = Path(args.output_dir)
+    grid_pixels = torch.stack(
+        [data.validation[i]["pixel_values"] for i in range(min(args.num_grid_images, len(data.validation)))]
+    )
+
+    def save_grid(step: int, unwrapped: torch.nn.Module) -> None:
+        (output_dir / "samples").mkdir(parents=True, exist_ok=True)
+        reconstruction_grid(unwrapped, grid_pixels).save(output_dir / "samples" / f"reconstruction-{step:06d}.png")
+
+    trainer = Trainer(
+        args,
+        model,
+        data.train,
+        make_loss(args),
+        collate=collate,
+        hooks=TrainerHooks([(args.validation_steps, save_grid)]),
+    )
+    trainer.fit()
+    if not trainer.accelerator.is_main_process:
+        return None
+    final = trainer.unwrapped
+    final.save_pretrained(output_dir)
+    reconstruction_grid(final, grid_pixels).save(output_dir / "reconstruction.png")
+    metrics = evaluate(final, data.validation, batch_size=args.train_batch_size)
+    (output_dir / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(metrics))
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as err:
+        print(f"vqvae.train: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -168,8 +168,10 @@ def _to_array(image: Image.Image, resolution: int) -> np.ndarray:
     return np.array(resize_center_crop(image, resolution))
 
 
-def _to_tensor(pixels: np.ndarray) -> torch.Tensor:
-    """(R, R, 3) uint8 -> float (3, R, R) in [-1, 1]."""
+def to_tensor(pixels: np.ndarray | Image.Image) -> torch.Tensor:
+    """(R, R, 3) uint8 array or RGB image -> float (3, R, R) in [-1, 1]."""
+    if isinstance(pixels, Image.Image):
+        pixels = np.array(pixels.convert("RGB"))
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous().float().div_(127.5).sub_(1.0)
 
 
@@ -569,7 +571,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
             pixels = self._rows.pixels[i]
         else:
             pixels = _to_array(self._rows.load(i, self._config), self._config.resolution)
-        return {"pixel_values": _to_tensor(pixels), "text": self._rows.captions[i], "index": i}
+        return {"pixel_values": to_tensor(pixels), "text": self._rows.captions[i], "index": i}
 
     @property
     def captions(self) -> list[str]:

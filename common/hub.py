@@ -49,6 +49,13 @@ def read_json(path: Path, max_bytes: int = MAX_CONFIG_BYTES) -> Any:
         raise ModelLoadError(f"{path} is not valid JSON: {err}") from err
 
 
+def _file_mode() -> int:
+    """The mode a new file gets under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_files(directory: str | os.PathLike, write: Any, last: str = CONFIG_NAME) -> Path:
     """Call `write(tmp)` to fill a temporary folder inside `directory`, then move its files into place.
 
@@ -61,7 +68,9 @@ def atomic_write_files(directory: str | os.PathLike, write: Any, last: str = CON
     try:
         write(tmp)
         files = sorted(tmp.iterdir(), key=lambda f: f.name == last)
+        mode = _file_mode()
         for f in files:
+            f.chmod(mode)  # safetensors writes 0600; saved models should be as readable as any new file
             with open(f, "rb") as handle:
                 os.fsync(handle.fileno())
         for f in files:

@@ -44,6 +44,8 @@ def test_round_trip_gives_identical_outputs(tmp_path):
     assert loaded.config == model.config
     assert torch.equal(loaded(x), model(x))
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    modes = {(tmp_path / "m" / name).stat().st_mode & 0o777 for name in (CONFIG_NAME, WEIGHTS_NAME)}
+    assert len(modes) == 1  # both files get the umask's usual mode
 
 
 def _edit_config(directory, **changes):

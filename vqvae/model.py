@@ -29,7 +29,8 @@ class VQVAEConfig(Config):
     base_channels: int = 64
     # one entry per resolution level; the image is downsampled by 2 ** (len(channel_mult) - 1)
     channel_mult: tuple[int, ...] = (1, 2, 2)
-    num_res_blocks: int = 1
+    # residual blocks per level, highest resolution first (full-resolution blocks dominate CPU cost)
+    num_res_blocks: tuple[int, ...] = (1, 1, 1)
     latent_channels: int = 64
     codebook_size: int = 512
     codebook_dim: int = 8
@@ -58,6 +59,11 @@ class VQVAEConfig(Config):
         super().validate()
         if not 1 <= len(self.channel_mult) <= 6:
             raise ConfigError(f"config field 'channel_mult': needs 1 to 6 levels, got {len(self.channel_mult)}")
+        if len(self.num_res_blocks) != len(self.channel_mult):
+            raise ConfigError(
+                f"config field 'num_res_blocks': needs one entry per level ({len(self.channel_mult)}), "
+                f"got {len(self.num_res_blocks)}"
+            )
         if self.resolution % self.downsample_factor:
             raise ConfigError(
                 f"config field 'resolution': {self.resolution} is not divisible by the downsampling factor "
@@ -79,14 +85,17 @@ PRESETS: dict[str, VQVAEConfig] = {
         resolution=16,
         base_channels=8,
         channel_mult=(1, 2),
+        num_res_blocks=(1, 1),
         latent_channels=8,
         codebook_size=16,
         codebook_dim=4,
     ),
     # shapes world, 64 px -> 8 x 8 codes
-    "shapes-f8": VQVAEConfig(channel_mult=(1, 2, 2, 4), codebook_size=512),
+    "shapes-f8": VQVAEConfig(
+        base_channels=16, channel_mult=(1, 2, 4, 8), num_res_blocks=(0, 0, 1, 1), codebook_size=512
+    ),
     # 64 px -> 16 x 16 codes
-    "f4": VQVAEConfig(channel_mult=(1, 2, 2), codebook_size=1024),
+    "f4": VQVAEConfig(base_channels=16, channel_mult=(1, 2, 4), num_res_blocks=(0, 1, 2), codebook_size=1024),
 }
 
 
@@ -114,11 +123,12 @@ class Encoder(nn.Module):
         layers: list[nn.Module] = [nn.Conv2d(c.in_channels, widths[0], 3, padding=1)]
         ch = widths[0]
         for level, width in enumerate(widths):
-            for _ in range(c.num_res_blocks):
+            for _ in range(c.num_res_blocks[level]):
                 layers.append(ResBlock(ch, width))
                 ch = width
             if level < len(widths) - 1:
-                layers.append(nn.Conv2d(ch, ch, 4, stride=2, padding=1))
+                layers.append(nn.Conv2d(ch, widths[level + 1], 3, stride=2, padding=1))
+                ch = widths[level + 1]
         layers += [ResBlock(ch, ch), _norm(ch), nn.SiLU(), nn.Conv2d(ch, c.latent_channels, 3, padding=1)]
         self.net = nn.Sequential(*layers)
 
@@ -130,14 +140,16 @@ class Decoder(nn.Module):
     def __init__(self, c: VQVAEConfig) -> None:
         super().__init__()
         widths = [c.base_channels * m for m in c.channel_mult][::-1]
+        blocks = c.num_res_blocks[::-1]
         ch = widths[0]
         layers: list[nn.Module] = [nn.Conv2d(c.latent_channels, ch, 3, padding=1), ResBlock(ch, ch)]
         for level, width in enumerate(widths):
-            for _ in range(c.num_res_blocks):
+            for _ in range(blocks[level]):
                 layers.append(ResBlock(ch, width))
                 ch = width
             if level < len(widths) - 1:
-                layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)]
+                layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, widths[level + 1], 3, padding=1)]
+                ch = widths[level + 1]
         layers += [_norm(ch), nn.SiLU(), nn.Conv2d(ch, c.in_channels, 3, padding=1)]
         self.net = nn.Sequential(*layers)
 

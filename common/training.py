@@ -19,7 +19,7 @@ import math
 import os
 import random
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,32 +100,80 @@ def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
 
 
 class StepBatches:
-    """Infinite, deterministic batches of `(row, epoch)` keys for one process, from micro-batch `start`."""
+    """Infinite, deterministic batches of `(row, epoch)` keys for one process, from micro-batch `start`.
 
-    def __init__(self, num_rows: int, batch_size: int, world_size: int, rank: int, seed: int, start: int = 0):
+    With `keys` (e.g. normalized captions), no global batch holds two rows with the same key: rows whose key
+    is already in the batch wait for a later one. Contrastive training needs this, since two images with the
+    same caption must not be each other's negatives.
+    """
+
+    def __init__(
+        self,
+        num_rows: int,
+        batch_size: int,
+        world_size: int,
+        rank: int,
+        seed: int,
+        start: int = 0,
+        keys: Sequence[Hashable] | None = None,
+    ):
         self.global_batch = batch_size * world_size
-        self.per_epoch = num_rows // self.global_batch
-        if self.per_epoch == 0:
+        if keys is not None and len(keys) != num_rows:
+            raise ValueError(f"got {len(keys)} batch keys for {num_rows} rows")
+        self.num_rows, self.batch_size, self.rank, self.seed, self.start = num_rows, batch_size, rank, seed, start
+        self.keys = keys
+        self._cache: dict[int, list[list[int]]] = {}
+        if not self._epoch(0):
+            distinct = "" if keys is None else f" ({len(set(keys))} distinct captions)"
             raise ValueError(
-                f"the training set has {num_rows} rows, fewer than one global batch of {self.global_batch}; "
-                "lower --train_batch_size"
+                f"the training set has {num_rows} rows{distinct}, fewer than one global batch of "
+                f"{self.global_batch}; lower --train_batch_size"
             )
-        self.num_rows, self.batch_size, self.rank, self.seed, self.start = (
-            num_rows,
-            batch_size,
-            rank,
-            seed,
-            start,
-        )
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        """The global batches of one epoch."""
+        if epoch not in self._cache:
+            order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            self._cache = {epoch: self._distinct(order) if self.keys is not None else self._chunks(order)}
+        return self._cache[epoch]
+
+    def _chunks(self, order: list[int]) -> list[list[int]]:
+        size = self.global_batch
+        return [order[i : i + size] for i in range(0, len(order) - size + 1, size)]
+
+    def _distinct(self, order: list[int]) -> list[list[int]]:
+        batches: list[list[int]] = []
+        waiting: list[int] = []
+        batch: list[int] = []
+        seen: set[Hashable] = set()
+        for row in order:
+            if self.keys[row] in seen:
+                waiting.append(row)
+                continue
+            batch.append(row)
+            seen.add(self.keys[row])
+            if len(batch) == self.global_batch:
+                batches.append(batch)
+                batch, seen, still_waiting = [], set(), []
+                for w in waiting:  # rows deferred by the last batch go first into this one
+                    if len(batch) < self.global_batch and self.keys[w] not in seen:
+                        batch.append(w)
+                        seen.add(self.keys[w])
+                    else:
+                        still_waiting.append(w)
+                waiting = still_waiting
+        return batches
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        k = self.start
+        epoch, b = 0, self.start
+        while b >= len(self._epoch(epoch)):
+            b -= len(self._epoch(epoch))
+            epoch += 1
+        lo = self.rank * self.batch_size
         while True:
-            epoch, b = divmod(k, self.per_epoch)
-            order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + epoch))
-            lo = b * self.global_batch + self.rank * self.batch_size
-            yield [(int(i), epoch) for i in order[lo : lo + self.batch_size]]
-            k += 1
+            for batch in self._epoch(epoch)[b:]:
+                yield [(row, epoch) for row in batch[lo : lo + self.batch_size]]
+            epoch, b = epoch + 1, 0
 
 
 class KeyedDataset(torch.utils.data.Dataset):
@@ -184,9 +232,10 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 @dataclass
 class TrainerHooks:
-    """Callbacks run on the main process with the unwrapped model in eval mode."""
+    """Callbacks `fn(step, model)` run every N steps and at the end, on the main process, with the unwrapped
+    model in eval mode; a callback that returns a dict of numbers has them logged."""
 
-    every: list[tuple[int, Callable[[int, torch.nn.Module], None]]] = field(default_factory=list)
+    every: list[tuple[int, Callable[[int, torch.nn.Module], dict[str, float] | None]]] = field(default_factory=list)
 
 
 class Trainer:
@@ -202,6 +251,7 @@ class Trainer:
         collate: Callable | None = None,
         transform: Callable | None = None,
         hooks: TrainerHooks | None = None,
+        batch_keys: Sequence[Hashable] | None = None,
         project: str = "vqclip",
     ) -> None:
         check_training_args(args)
@@ -236,6 +286,7 @@ class Trainer:
         self.compute_loss = compute_loss
         self.collate = collate
         self.hooks = hooks or TrainerHooks()
+        self.batch_keys = batch_keys
         self.step = 0
 
     @property
@@ -322,6 +373,7 @@ class Trainer:
             acc.process_index,
             self.args.seed,
             start=self.step * self.args.gradient_accumulation_steps,
+            keys=self.batch_keys,
         )
         workers = getattr(self.args, "dataloader_num_workers", 0) or 0
         loader = torch.utils.data.DataLoader(
@@ -377,7 +429,9 @@ class Trainer:
         model.eval()
         with torch.no_grad():
             for fn in due:
-                fn(self.step, model)
+                logs = fn(self.step, model)
+                if logs:
+                    self._log(logs)
         model.train()
         self.accelerator.wait_for_everyone()
 

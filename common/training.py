@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from common.data import add_data_args
-from common.hub import atomic_write_text, save_state_dict
+from common.hub import PretrainedModel, atomic_write_text, save_state_dict
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -310,7 +310,10 @@ class Trainer:
         save_file(tensors, tmp / f"rng-{acc.process_index}.safetensors")
         (tmp / f"rng-{acc.process_index}.json").write_text(json.dumps(plain), encoding="utf-8")
         if acc.is_main_process:
-            save_state_dict(self.unwrapped.state_dict(), tmp / "model.safetensors")
+            if isinstance(self.unwrapped, PretrainedModel):  # a checkpoint is then also a loadable model
+                self.unwrapped.write_files(tmp)
+            else:
+                save_state_dict(self.unwrapped.state_dict(), tmp / "model.safetensors")
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             state = {
                 "step": self.step,

@@ -24,6 +24,7 @@ from common.data import DataConfig, collate, load_image_text
 from common.metrics import psnr
 from common.training import Trainer, TrainerHooks, add_training_args
 from vqvae.evaluate import evaluate, reconstruction_grid
+from vqvae.gan import VQGAN, PatchDiscriminator, adaptive_weight, hinge_discriminator_loss
 from vqvae.model import PRESETS, VQVAE
 
 
@@ -34,13 +35,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     model.add_argument("--model_config", help="JSON object of config fields overriding the preset")
     model.add_argument("--reconstruction_loss", choices=("l1", "mse"), default="l1")
     model.add_argument("--num_grid_images", type=int, default=8, help="images in the reconstruction grid")
+    gan = parser.add_argument_group("adversarial loss (off unless --disc_start_step is given)")
+    gan.add_argument("--disc_start_step", type=int, default=None, help="turn the PatchGAN loss on at this step")
+    gan.add_argument("--disc_weight", type=float, default=0.5, help="times the adaptive weight")
+    gan.add_argument("--disc_channels", type=int, default=64)
+    gan.add_argument("--disc_layers", type=int, default=3, help="fewer for small images")
     add_training_args(parser, learning_rate=3e-4, train_batch_size=64, max_train_steps=5000)
     return parser.parse_args(argv)
 
 
-def build_model(args: argparse.Namespace) -> VQVAE:
+def build_model(args: argparse.Namespace) -> VQVAE | VQGAN:
+    """The tokenizer, wrapped with a discriminator when the adversarial loss is on."""
     config = PRESETS[args.preset].replace({"resolution": args.resolution}).replace_json(args.model_config)
-    return VQVAE(config)
+    vqvae = VQVAE(config)
+    return (
+        vqvae
+        if args.disc_start_step is None
+        else VQGAN(vqvae, PatchDiscriminator(args.disc_channels, args.disc_layers))
+    )
+
+
+def tokenizer_of(model: torch.nn.Module) -> VQVAE:
+    return model.vqvae if isinstance(model, VQGAN) else model
 
 
 def make_loss(args: argparse.Namespace):
@@ -48,13 +64,27 @@ def make_loss(args: argparse.Namespace):
 
     def compute_loss(model: torch.nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         pixels = batch["pixel_values"]
-        out = model(pixels)
-        loss = reconstruction_loss(out.reconstruction, pixels) + out.commitment_loss + out.codebook_loss
+        if args.disc_start_step is None:
+            out = model(pixels)
+        else:
+            out, fake_for_generator, real, fake = model(pixels)
+        rec = reconstruction_loss(out.reconstruction, pixels)
+        loss = rec + out.commitment_loss + out.codebook_loss
         logs = {
             "psnr": psnr(out.reconstruction.detach(), pixels).mean().item(),
             "usage": out.usage.item(),
             "perplexity": out.perplexity.item(),
         }
+        if args.disc_start_step is not None:
+            on = float(step >= args.disc_start_step)  # before the start the terms are computed but weigh nothing
+            generator_loss = -fake_for_generator.mean()
+            last_layer = tokenizer_of(model.module if hasattr(model, "module") else model).decoder.net[-1].weight
+            weight = rec.new_zeros(())
+            if on:
+                weight = adaptive_weight(rec, generator_loss, last_layer) * args.disc_weight
+            disc_loss = hinge_discriminator_loss(real, fake)
+            loss = loss + on * (weight * generator_loss + disc_loss)
+            logs.update({"g_loss": generator_loss.item(), "d_loss": disc_loss.item(), "g_weight": weight.item()})
         return loss, logs
 
     return compute_loss
@@ -72,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
 
     def save_grid(step: int, unwrapped: torch.nn.Module) -> None:
         (output_dir / "samples").mkdir(parents=True, exist_ok=True)
-        reconstruction_grid(unwrapped, grid_pixels).save(output_dir / "samples" / f"reconstruction-{step:06d}.png")
+        grid = reconstruction_grid(tokenizer_of(unwrapped), grid_pixels)
+        grid.save(output_dir / "samples" / f"reconstruction-{step:06d}.png")
 
     trainer = Trainer(
         args,
@@ -85,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
     trainer.fit()
     if not trainer.accelerator.is_main_process:
         return None
-    final = trainer.unwrapped
+    final = tokenizer_of(trainer.unwrapped)
     final.save_pretrained(output_dir)
     reconstruction_grid(final, grid_pixels).save(output_dir / "reconstruction.png")
     metrics = evaluate(final, data.validation, batch_size=args.train_batch_size)

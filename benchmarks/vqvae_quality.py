@@ -1,0 +1,86 @@
+"""Tokenizer quality: PSNR, SSIM, codebook usage and perplexity, and for the shapes world the judge's
+attribute fidelity (the judge reads the same color, shape and background from the reconstruction as from
+the original).
+
+    python benchmarks/vqvae_quality.py --model runs/vqvae --data data/shapes
+    python benchmarks/vqvae_quality.py            # the released shapes-world tokenizer on fresh data
+
+Ends with one JSON line with keys `psnr`, `ssim`, `usage`, `perplexity`, `dead_codes`, `images`, and for
+shapes-world data `attribute_fidelity` (plus the per-attribute rates).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common.data import DataConfig, collate, load_image_text
+from common.grid import to_pil
+from vqvae.evaluate import evaluate
+from vqvae.model import VQVAE
+
+RELEASED = Path(__file__).resolve().parents[1] / "models" / "shapes-demo" / "vqvae"
+FIDELITY_ATTRIBUTES = ("color", "shape", "background")
+
+
+@torch.no_grad()
+def attribute_fidelity(model: VQVAE, dataset: torch.utils.data.Dataset, batch_size: int = 64) -> dict[str, float]:
+    """How often the judge reads the same attributes from reconstruction and original."""
+    from corpora.shapes_judge import load_judge
+
+    judge = load_judge()
+    same = {a: 0 for a in FIDELITY_ATTRIBUTES}
+    all_same = total = 0
+    for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
+        pixels = batch["pixel_values"]
+        originals = judge.read(to_pil(pixels))
+        rebuilt = judge.read(to_pil(model.decode(model.encode(pixels))))
+        for a_reading, b_reading in zip(originals, rebuilt, strict=True):
+            agree = [a_reading[a] == b_reading[a] for a in FIDELITY_ATTRIBUTES]
+            for a, ok in zip(FIDELITY_ATTRIBUTES, agree, strict=True):
+                same[a] += ok
+            all_same += all(agree)
+            total += 1
+    return {"attribute_fidelity": all_same / total, **{f"fidelity_{a}": n / total for a, n in same.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(RELEASED), help="a VQ-VAE folder (default: the released one)")
+    parser.add_argument("--data", help="an image folder or dataset (default: 2,000 fresh shapes-world images)")
+    parser.add_argument("--max-images", type=int, default=5000)
+    parser.add_argument("--shapes", action="store_true", help="measure attribute fidelity (automatic for shapes data)")
+    args = parser.parse_args()
+
+    model = VQVAE.from_pretrained(args.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = args.data
+        if data_dir is None:
+            from corpora.shapes import build
+
+            data_dir = str(Path(tmp) / "shapes")
+            build(data_dir, 2000, resolution=model.config.resolution, seed=987, val_fraction=0.5, progress=False)
+        config = DataConfig(train_data_dir=data_dir, resolution=model.config.resolution)
+        validation = load_image_text(config, progress=False).validation
+        rows = torch.utils.data.Subset(validation, range(min(args.max_images, len(validation))))
+        start = time.perf_counter()
+        result = evaluate(model, rows, progress=False)
+        shapes = args.shapes or (Path(data_dir) / "shapes_world.json").is_file()
+        if shapes:
+            result.update(attribute_fidelity(model, rows))
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    result["model"] = args.model
+    summary = f"PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.3f}, usage {result['usage']:.1%}"
+    if shapes:
+        summary += f", attribute fidelity {result['attribute_fidelity']:.1%}"
+    print(summary)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

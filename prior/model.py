@@ -1,0 +1,323 @@
+"""The prior: a decoder-only transformer over the flattened code grid, conditioned on text.
+
+The sequence is `[text prefix (T)] [start] [code_0 ... code_{N-2}]`, and the model predicts `code_0 ...
+code_{N-1}` from the last N positions. The prefix is the frozen contrastive text encoder's per-token
+features, projected to the model width; its padding positions are masked out. Code positions carry a
+learned row embedding plus a learned column embedding, so the model knows the grid's 2-D layout.
+
+During training the prefix of a random `cond_drop_prob` fraction of rows is replaced by a learned null
+condition, which makes classifier-free guidance possible at sampling time. `generate` decodes with a
+preallocated KV cache and runs the conditional and unconditional rows in one batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from tqdm.auto import tqdm
+
+from common.config import Config, ConfigError
+from common.hub import PretrainedModel
+
+
+@dataclass
+class PriorConfig(Config):
+    codebook_size: int = 512
+    grid_size: int = 8  # codes per side; the sequence has grid_size ** 2 codes
+    text_width: int = 192  # width of the contrastive text encoder's token features
+    text_length: int = 32  # its context length
+    dim: int = 256
+    layers: int = 4
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    cond_drop_prob: float = 0.1
+
+    limits = {
+        "codebook_size": (2, 65536),
+        "grid_size": (1, 128),
+        "text_width": (1, 8192),
+        "text_length": (1, 1024),
+        "dim": (8, 8192),
+        "layers": (1, 96),
+        "heads": (1, 128),
+        "mlp_ratio": (0.5, 16.0),
+        "dropout": (0.0, 0.9),
+        "cond_drop_prob": (0.0, 1.0),
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        if self.dim % self.heads:
+            raise ConfigError(f"config field 'dim': {self.dim} is not a multiple of heads ({self.heads})")
+
+    @property
+    def num_codes(self) -> int:
+        return self.grid_size**2
+
+
+PRESETS: dict[str, PriorConfig] = {
+    "tiny": PriorConfig(codebook_size=16, grid_size=4, text_width=32, text_length=16, dim=32, layers=2, heads=2),
+    "small": PriorConfig(dim=256, layers=4, heads=8),
+    "base": PriorConfig(dim=512, layers=8, heads=8),
+    "large": PriorConfig(dim=768, layers=12, heads=12),
+}
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (layers, B, heads, max_len, head_dim) each."""
+
+    def __init__(self, layers: int, batch: int, heads: int, max_len: int, head_dim: int, like: torch.Tensor):
+        shape = (layers, batch, heads, max_len, head_dim)
+        self.k = like.new_zeros(shape)
+        self.v = like.new_zeros(shape)
+        self.length = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, c: PriorConfig) -> None:
+        super().__init__()
+        self.heads = c.heads
+        self.qkv = nn.Linear(c.dim, 3 * c.dim)
+        self.out = nn.Linear(c.dim, c.dim)
+        self.dropout = c.dropout
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        if cache is not None:  # write this step's keys/values, attend over everything so far
+            start, end = cache.length, cache.length + x.shape[1]
+            cache.k[layer, :, :, start:end] = k
+            cache.v[layer, :, :, start:end] = v
+            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B, h, n, d)
+        return self.out(rearrange(y, "b h n d -> b n (h d)"))
+
+
+class Block(nn.Module):
+    def __init__(self, c: PriorConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(c.dim)
+        self.attn = Attention(c)
+        self.norm2 = nn.LayerNorm(c.dim)
+        hidden = int(c.dim * c.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(c.dim, hidden), nn.GELU(), nn.Linear(hidden, c.dim), nn.Dropout(c.dropout))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None = None, layer: int = 0):
+        x = x + self.attn(self.norm1(x), mask, cache, layer)
+        return x + self.mlp(self.norm2(x))
+
+
+def _filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Set logits outside the top-k and outside the top-p nucleus to -inf."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def check_sampling_args(
+    codebook_size: int, temperature: float, top_k: int | None, top_p: float | None, guidance_scale: float
+) -> None:
+    """Raise ValueError naming the first bad sampling argument."""
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number, got {temperature}")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
+    if top_k is not None and top_k > codebook_size:
+        raise ValueError(f"top_k must be at most the codebook size ({codebook_size}), got {top_k}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
+
+
+class Prior(PretrainedModel):
+    config_class = PriorConfig
+
+    def __init__(self, config: PriorConfig) -> None:
+        super().__init__(config)
+        c = config
+        self.text_proj = nn.Linear(c.text_width, c.dim)
+        self.null_text = nn.Parameter(torch.randn(c.text_length, c.dim) * 0.02)
+        self.text_pos = nn.Parameter(torch.randn(c.text_length, c.dim) * 0.02)
+        self.code_embed = nn.Embedding(c.codebook_size, c.dim)
+        self.start = nn.Parameter(torch.randn(c.dim) * 0.02)
+        self.row_pos = nn.Parameter(torch.randn(c.grid_size, c.dim) * 0.02)
+        self.col_pos = nn.Parameter(torch.randn(c.grid_size, c.dim) * 0.02)
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.layers))
+        self.norm = nn.LayerNorm(c.dim)
+        self.head = nn.Linear(c.dim, c.codebook_size, bias=False)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    # ------------------------------------------------------------ pieces
+
+    def _code_positions(self) -> torch.Tensor:
+        """(N, dim): row embedding + column embedding of each code in raster order."""
+        return rearrange(self.row_pos[:, None] + self.col_pos[None, :], "h w d -> (h w) d")
+
+    def condition(
+        self, text_features: torch.Tensor, text_mask: torch.Tensor | None, drop: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefix (B, T, dim) and its key mask (B, T); rows where `drop` is True get the null condition."""
+        c = self.config
+        if text_features.ndim != 3 or tuple(text_features.shape[1:]) != (c.text_length, c.text_width):
+            raise ValueError(
+                f"expected text features of shape (B, {c.text_length}, {c.text_width}), "
+                f"got {tuple(text_features.shape)}"
+            )
+        prefix = self.text_proj(text_features)
+        mask = torch.ones(prefix.shape[:2], dtype=torch.bool, device=prefix.device)
+        if text_mask is not None:
+            mask = text_mask.to(torch.bool)
+        if drop is not None:
+            prefix = torch.where(drop[:, None, None], self.null_text.to(prefix.dtype)[None], prefix)
+            mask = mask | drop[:, None]
+        return prefix + self.text_pos, mask
+
+    def _attention_mask(self, key_mask: torch.Tensor, queries: int, offset: int) -> torch.Tensor:
+        """(B, 1, queries, keys) bool: causal (query i sits at position offset + i) and no padding keys."""
+        keys = key_mask.shape[1]
+        positions = torch.arange(offset, offset + queries, device=key_mask.device)
+        causal = torch.arange(keys, device=key_mask.device)[None, :] <= positions[:, None]
+        return causal[None, None] & key_mask[:, None, None, :]
+
+    def _run(self, x: torch.Tensor, key_mask: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        offset = cache.length if cache is not None else 0
+        mask = self._attention_mask(key_mask, x.shape[1], offset)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, cache, i)
+        if cache is not None:
+            cache.length += x.shape[1]
+        return self.head(self.norm(x))
+
+    # ------------------------------------------------------------ training
+
+    def forward(
+        self,
+        codes: torch.Tensor,
+        text_features: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """codes (B, h, w) or (B, N) -> logits (B, N, codebook_size) for each code given the earlier ones; with
+        targets, the mean cross entropy. In training mode the condition is dropped with `cond_drop_prob`."""
+        c = self.config
+        codes = codes.flatten(1)
+        if codes.shape[1] != c.num_codes:
+            raise ValueError(f"expected {c.num_codes} codes per image, got {codes.shape[1]}")
+        drop = None
+        if self.training and c.cond_drop_prob > 0:
+            drop = torch.rand(codes.shape[0], device=codes.device) < c.cond_drop_prob
+        prefix, prefix_mask = self.condition(text_features, text_mask, drop)
+        start = self.start.expand(codes.shape[0], 1, -1)
+        tokens = torch.cat([start, self.code_embed(codes[:, :-1])], dim=1) + self._code_positions()
+        x = torch.cat([prefix, tokens], dim=1)  # (B, T + N, dim)
+        key_mask = torch.cat([prefix_mask, prefix_mask.new_ones(codes.shape)], dim=1)
+        logits = self._run(x, key_mask)[:, c.text_length :]  # (B, N, codebook_size)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, c.codebook_size).float(), targets.flatten())
+        return logits, loss
+
+    # ------------------------------------------------------------ sampling
+
+    @torch.no_grad()
+    def generate(
+        self,
+        text_features: torch.Tensor,
+        text_mask: torch.Tensor | None = None,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        prefix_codes: torch.Tensor | None = None,
+        use_cache: bool = True,
+        show_progress: bool = False,
+    ) -> torch.Tensor:
+        """Sample code grids (B, h, w) for B text conditions.
+
+        `guidance_scale` s mixes logits as uncond + s * (cond - uncond): 1 is the plain conditional, 0 the
+        unconditional. `prefix_codes` (B, k) fixes the first k codes (e.g. the first rows of an image) and
+        samples the rest. Randomness comes only from `generator`. `use_cache=False` recomputes the whole
+        sequence at every step (for comparison).
+        """
+        c = self.config
+        check_sampling_args(c.codebook_size, temperature, top_k, top_p, guidance_scale)
+        b = text_features.shape[0]
+        guided = guidance_scale != 1.0
+        prefix, prefix_mask = self.condition(text_features, text_mask)
+        if guided:  # conditional rows first, then the same rows with the null condition, in one batch
+            null, null_mask = self.condition(
+                text_features, text_mask, torch.ones(b, dtype=torch.bool, device=prefix.device)
+            )
+            prefix, prefix_mask = torch.cat([prefix, null]), torch.cat([prefix_mask, null_mask])
+        given = torch.empty(b, 0, dtype=torch.long, device=prefix.device)
+        if prefix_codes is not None:
+            given = prefix_codes.flatten(1).to(prefix.device)
+            if given.shape[0] != b or given.shape[1] > c.num_codes:
+                raise ValueError(f"prefix_codes must be (B={b}, k <= {c.num_codes}), got {tuple(prefix_codes.shape)}")
+            if given.numel() and (int(given.min()) < 0 or int(given.max()) >= c.codebook_size):
+                raise ValueError(f"prefix_codes must lie in [0, {c.codebook_size})")
+        codes = torch.empty(b, c.num_codes, dtype=torch.long, device=prefix.device)
+        codes[:, : given.shape[1]] = given
+        positions = self._code_positions()
+        rows = prefix.shape[0]
+        key_mask = torch.cat([prefix_mask, prefix_mask.new_ones(rows, c.num_codes)], dim=1)
+        cache = None
+        if use_cache:
+            head_dim = c.dim // c.heads
+            cache = KVCache(c.layers, rows, c.heads, c.text_length + c.num_codes, head_dim, prefix)
+
+        def embed(first: int, last: int) -> torch.Tensor:
+            """Input embeddings of code positions first..last-1 (position 0 is the start token)."""
+            parts = []
+            if first == 0:
+                parts.append(self.start.expand(rows, 1, -1))
+            known = codes[:, max(first - 1, 0) : last - 1]
+            if known.shape[1]:
+                parts.append(self.code_embed(known.repeat(2 if guided else 1, 1)))
+            return torch.cat(parts, dim=1) + positions[first:last]
+
+        steps = range(given.shape[1], c.num_codes)
+        for step in tqdm(steps, desc="sampling codes", disable=not show_progress, leave=False):
+            if cache is None:
+                x = torch.cat([prefix, embed(0, step + 1)], dim=1)
+                logits = self._run(x, key_mask[:, : x.shape[1]])[:, -1]
+            elif cache.length == 0:  # first step: the prefix, the start token and any given codes at once
+                x = torch.cat([prefix, embed(0, step + 1)], dim=1)
+                logits = self._run(x, key_mask[:, : x.shape[1]], cache)[:, -1]
+            else:
+                x = embed(step, step + 1)
+                logits = self._run(x, key_mask[:, : cache.length + 1], cache)[:, -1]
+            logits = logits.float()
+            if guided:
+                cond, uncond = logits[:b], logits[b:]
+                logits = uncond + guidance_scale * (cond - uncond)
+            logits = _filter_logits(logits / temperature, top_k, top_p)
+            probs = logits.softmax(-1)
+            codes[:, step] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        return codes.view(b, c.grid_size, c.grid_size)

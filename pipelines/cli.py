@@ -50,12 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_data_cli(subparsers)
 
+    from contrastive import search_cli
     from corpora import shapes_judge
     from pipelines import demo
     from vqvae import cli as vqvae_cli
 
     shapes_judge.add_cli(subparsers)
     vqvae_cli.add_cli(subparsers)
+    search_cli.add_cli(subparsers)
     demo.add_cli(subparsers)
     return parser
 

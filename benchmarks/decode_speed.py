@@ -1,0 +1,81 @@
+"""Decode speed of the prior: KV-cached `generate` against recomputing the whole sequence at every step,
+the cost of classifier-free guidance, and seconds per image for several code counts.
+
+    python benchmarks/decode_speed.py                  # dim 256, 4 layers, 8 heads, 32 text positions, batch 4
+
+Ends with one JSON line with keys `cached_s`, `recompute_s`, `speedup`, `cfg_overhead` and `s_per_image`
+(a map from code count to seconds per image, cached, with guidance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from prior.model import Prior, PriorConfig
+
+
+def timed(fn, device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--text-length", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+
+    def model_for(grid: int) -> Prior:
+        config = PriorConfig(
+            codebook_size=1024, grid_size=grid, text_width=args.dim, text_length=args.text_length,
+            dim=args.dim, layers=args.layers, heads=args.heads,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        return Prior(config).to(args.device, dtype).eval()
+
+    def run(model: Prior, **kwargs) -> float:
+        text = torch.randn(args.batch, args.text_length, args.dim, device=args.device, dtype=dtype)
+        generator = torch.Generator(args.device).manual_seed(0)
+        return timed(lambda: model.generate(text, generator=generator, **kwargs), args.device)
+
+    model = model_for(16)  # 256 codes
+    run(model)  # warm-up
+    cached = run(model, guidance_scale=1.0)
+    recompute = run(model, guidance_scale=1.0, use_cache=False)
+    guided = run(model, guidance_scale=3.0)
+    per_image = {}
+    for grid in (8, 16, 32):
+        m = model_for(grid)
+        per_image[grid * grid] = round(run(m, guidance_scale=3.0) / args.batch, 4)
+    result = {
+        "cached_s": round(cached, 3),
+        "recompute_s": round(recompute, 3),
+        "speedup": round(recompute / cached, 1),
+        "cfg_overhead": round(guided / cached, 2),
+        "s_per_image": per_image,
+        "batch": args.batch,
+        "device": args.device,
+        "dtype": args.dtype,
+    }
+    print(f"256 codes x {args.batch} images: cached {cached:.2f} s, recomputed {recompute:.2f} s "
+          f"({recompute / cached:.1f}x); guidance costs {guided / cached:.2f}x")  # fmt: skip
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

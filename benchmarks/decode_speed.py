@@ -37,7 +37,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
 
     def model_for(grid: int) -> Prior:
@@ -71,6 +74,7 @@ def main() -> None:
         "batch": args.batch,
         "device": args.device,
         "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
     }
     print(f"256 codes x {args.batch} images: cached {cached:.2f} s, recomputed {recompute:.2f} s "
           f"({recompute / cached:.1f}x); guidance costs {guided / cached:.2f}x")  # fmt: skip

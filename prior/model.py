@@ -90,7 +90,8 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None = None, layer: int = 0
     ) -> torch.Tensor:
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, h, n, d)
         if cache is not None:  # write this step's keys/values, attend over everything so far
             start, end = cache.length, cache.length + x.shape[1]
             cache.k[layer, :, :, start:end] = k
@@ -98,7 +99,7 @@ class Attention(nn.Module):
             k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
         dropout = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B, h, n, d)
-        return self.out(rearrange(y, "b h n d -> b n (h d)"))
+        return self.out(y.transpose(1, 2).reshape(b, n, -1))
 
 
 class Block(nn.Module):
@@ -196,16 +197,15 @@ class Prior(PretrainedModel):
             mask = mask | drop[:, None]
         return prefix + self.text_pos, mask
 
-    def _attention_mask(self, key_mask: torch.Tensor, queries: int, offset: int) -> torch.Tensor:
-        """(B, 1, queries, keys) bool: causal (query i sits at position offset + i) and no padding keys."""
-        keys = key_mask.shape[1]
-        positions = torch.arange(offset, offset + queries, device=key_mask.device)
-        causal = torch.arange(keys, device=key_mask.device)[None, :] <= positions[:, None]
+    @staticmethod
+    def _attention_mask(key_mask: torch.Tensor) -> torch.Tensor:
+        """(B, 1, L, L) bool from a (B, L) key mask: causal, and padding keys never attended to."""
+        length = key_mask.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=key_mask.device).tril()
         return causal[None, None] & key_mask[:, None, None, :]
 
-    def _run(self, x: torch.Tensor, key_mask: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        offset = cache.length if cache is not None else 0
-        mask = self._attention_mask(key_mask, x.shape[1], offset)
+    def _run(self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Run the blocks on `x` (B, n, dim) with attention mask (B, 1, n, keys); returns logits (B, n, K)."""
         for i, block in enumerate(self.blocks):
             x = block(x, mask, cache, i)
         if cache is not None:
@@ -235,7 +235,7 @@ class Prior(PretrainedModel):
         tokens = torch.cat([start, self.code_embed(codes[:, :-1])], dim=1) + self._code_positions()
         x = torch.cat([prefix, tokens], dim=1)  # (B, T + N, dim)
         key_mask = torch.cat([prefix_mask, prefix_mask.new_ones(codes.shape)], dim=1)
-        logits = self._run(x, key_mask)[:, c.text_length :]  # (B, N, codebook_size)
+        logits = self._run(x, self._attention_mask(key_mask))[:, c.text_length :]  # (B, N, codebook_size)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, c.codebook_size).float(), targets.flatten())
@@ -243,7 +243,7 @@ class Prior(PretrainedModel):
 
     # ------------------------------------------------------------ sampling
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(
         self,
         text_features: torch.Tensor,
@@ -286,7 +286,7 @@ class Prior(PretrainedModel):
         codes[:, : given.shape[1]] = given
         positions = self._code_positions()
         rows = prefix.shape[0]
-        key_mask = torch.cat([prefix_mask, prefix_mask.new_ones(rows, c.num_codes)], dim=1)
+        mask = self._attention_mask(torch.cat([prefix_mask, prefix_mask.new_ones(rows, c.num_codes)], dim=1))
         cache = None
         if use_cache:
             head_dim = c.dim // c.heads
@@ -304,15 +304,13 @@ class Prior(PretrainedModel):
 
         steps = range(given.shape[1], c.num_codes)
         for step in tqdm(steps, desc="sampling codes", disable=not show_progress, leave=False):
-            if cache is None:
+            if cache is None or cache.length == 0:  # the prefix, the start token and any given codes at once
                 x = torch.cat([prefix, embed(0, step + 1)], dim=1)
-                logits = self._run(x, key_mask[:, : x.shape[1]])[:, -1]
-            elif cache.length == 0:  # first step: the prefix, the start token and any given codes at once
-                x = torch.cat([prefix, embed(0, step + 1)], dim=1)
-                logits = self._run(x, key_mask[:, : x.shape[1]], cache)[:, -1]
+                n = x.shape[1]
+                logits = self._run(x, mask[:, :, :n, :n], cache)[:, -1]
             else:
-                x = embed(step, step + 1)
-                logits = self._run(x, key_mask[:, : cache.length + 1], cache)[:, -1]
+                n = cache.length
+                logits = self._run(embed(step, step + 1), mask[:, :, n : n + 1, : n + 1], cache)[:, -1]
             logits = logits.float()
             if guided:
                 cond, uncond = logits[:b], logits[b:]

@@ -45,10 +45,50 @@ def _add_data_cli(subparsers: argparse._SubParsersAction) -> None:
     emoji.add_cli(kinds)
 
 
+def _generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from common.grid import make_grid
+    from pipelines.text_to_image import TextToImagePipeline
+
+    pipe = TextToImagePipeline.from_pretrained(args.model).to(args.device)
+    generator = torch.Generator(args.device).manual_seed(args.seed)
+    out = pipe(
+        args.prompts,
+        num_images_per_prompt=args.num_images,
+        guidance_scale=args.guidance_scale,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        num_candidates=args.num_candidates,
+        generator=generator,
+    )
+    labels = [f"{score:.2f} {prompt}" for score, prompt in zip(out.scores.tolist(), out.prompts, strict=True)]
+    make_grid(out.images, labels, columns=args.num_images).save(args.out)
+    print(f"wrote {len(out.images)} images to {args.out} (labels: contrastive score, prompt)")
+
+
+def _add_generate_cli(subparsers: argparse._SubParsersAction) -> None:
+    gen = subparsers.add_parser("generate", help="generate images from text prompts")
+    gen.add_argument("prompts", nargs="+", help='one or more prompts, e.g. "a blue ball on grass"')
+    gen.add_argument("--model", required=True, help="a pipeline folder (pipeline.json + vqvae/ contrastive/ prior/)")
+    gen.add_argument("-n", "--num-images", type=int, default=4, help="images per prompt")
+    gen.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance; 1 turns it off")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--num-candidates", type=int, default=1, help="sample this many per image, keep the best")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--out", default="generated.png", help="PNG grid: one row per prompt")
+    gen.set_defaults(func=_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vqclip", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_data_cli(subparsers)
+    _add_generate_cli(subparsers)
 
     from contrastive import search_cli
     from corpora import shapes_judge

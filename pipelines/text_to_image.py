@@ -1,0 +1,219 @@
+"""`TextToImagePipeline`: prompt -> text features -> prior samples codes -> tokenizer decodes -> (rerank) -> images.
+
+    pipe = TextToImagePipeline.from_pretrained("models/shapes-demo")
+    image = pipe("a blue ball on grass", generator=torch.Generator().manual_seed(0)).images[0]
+
+A pipeline folder holds `pipeline.json` and one subfolder per stage (`vqvae/`, `contrastive/`, `prior/`);
+`pipeline.json` names the subfolders and records each stage's `save_id`, so a folder whose stages come from
+different saves is refused. Subfolder names must be plain names inside the pipeline folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import unicodedata
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from common.grid import to_pil
+from common.hub import CONFIG_NAME, ModelLoadError, atomic_write_text, read_json
+from contrastive.model import ContrastiveModel
+from prior.model import Prior, check_sampling_args
+from vqvae.model import VQVAE
+
+PIPELINE_NAME = "pipeline.json"
+STAGES = {"vqvae": VQVAE, "contrastive": ContrastiveModel, "prior": Prior}
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+@dataclass
+class TextToImageOutput:
+    images: list[Image.Image] | np.ndarray | torch.Tensor  # one per (prompt, image), prompt-major
+    codes: torch.Tensor  # (B, h, w)
+    scores: torch.Tensor  # (B,) contrastive similarity of each image with its prompt
+    prompts: list[str]  # the prompt of each image
+
+
+def check_compatible(vqvae: VQVAE, contrastive: ContrastiveModel, prior: Prior) -> None:
+    """Raise ValueError naming the first way the three stages do not fit together."""
+    p = prior.config
+    checks = [
+        ("codebook size", p.codebook_size, "tokenizer", vqvae.config.codebook_size),
+        ("code grid side", p.grid_size, "tokenizer", vqvae.config.grid_size),
+        ("text width", p.text_width, "contrastive text encoder", contrastive.config.text_width),
+        ("text length", p.text_length, "contrastive context length", contrastive.config.context_length),
+        ("image resolution", vqvae.config.resolution, "contrastive model", contrastive.config.resolution),
+    ]
+    for what, ours, other, theirs in checks:
+        if ours != theirs:
+            where = "tokenizer" if what == "image resolution" else "prior"
+            raise ValueError(f"the stages do not fit: the {where}'s {what} is {ours} but the {other}'s is {theirs}")
+
+
+def clean_prompts(prompt: str | list[str], max_chars: int = 1000) -> list[str]:
+    """Validate prompts: strings only, not empty; control characters become spaces; long ones are cut with a
+    warning."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("prompt must be a string or a non-empty list of strings")
+    cleaned = []
+    for i, text in enumerate(prompts):
+        if not isinstance(text, str):
+            raise ValueError(f"prompt {i} is a {type(text).__name__}, not a string")
+        text = "".join(" " if unicodedata.category(ch).startswith("C") else ch for ch in text)
+        text = " ".join(text.split())
+        if not text:
+            raise ValueError(f"prompt {i} is empty")
+        if len(text) > max_chars:
+            warnings.warn(f"prompt {i} has {len(text)} characters; using the first {max_chars}", stacklevel=3)
+            text = text[:max_chars]
+        cleaned.append(text)
+    return cleaned
+
+
+def _stage_dir(root: Path, name: str) -> Path:
+    """A stage's subfolder, refusing names that leave the pipeline folder."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or Path(name).is_absolute()
+        or Path(name).name != name
+        or name in (".", "..")
+    ):
+        raise ModelLoadError(f"{root / PIPELINE_NAME}: stage folder {name!r} must be a plain folder name")
+    return root / name
+
+
+class TextToImagePipeline:
+    def __init__(self, vqvae: VQVAE, contrastive: ContrastiveModel, prior: Prior) -> None:
+        check_compatible(vqvae, contrastive, prior)
+        self.vqvae, self.contrastive, self.prior = vqvae.eval(), contrastive.eval(), prior.eval()
+
+    # ------------------------------------------------------------ loading and saving
+
+    @classmethod
+    def from_stages(
+        cls, vqvae: str | os.PathLike, contrastive: str | os.PathLike, prior: str | os.PathLike
+    ) -> TextToImagePipeline:
+        """From three separately trained model folders."""
+        return cls(
+            VQVAE.from_pretrained(vqvae), ContrastiveModel.from_pretrained(contrastive), Prior.from_pretrained(prior)
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> TextToImagePipeline:
+        """From a pipeline folder (`pipeline.json` + one subfolder per stage)."""
+        root = Path(path)
+        spec = read_json(root / PIPELINE_NAME)
+        if not isinstance(spec, dict) or not isinstance(spec.get("stages"), dict):
+            raise ModelLoadError(f'{root / PIPELINE_NAME}: expected {{"stages": {{...}}}}')
+        stages = spec["stages"]
+        if set(stages) != set(STAGES):
+            raise ModelLoadError(
+                f"{root / PIPELINE_NAME}: stages must be exactly {sorted(STAGES)}, got {sorted(stages)}"
+            )
+        models = {}
+        for name, model_class in STAGES.items():
+            entry = stages[name]
+            if not isinstance(entry, dict):
+                raise ModelLoadError(f"{root / PIPELINE_NAME}: stage {name!r} must be an object")
+            folder = _stage_dir(root, entry.get("folder"))
+            config = read_json(folder / CONFIG_NAME)
+            saved = config.get("save_id") if isinstance(config, dict) else None
+            if entry.get("save_id") != saved:
+                raise ModelLoadError(f"{folder}: saved separately from this pipeline (save_id differs); save it again")
+            models[name] = model_class.from_pretrained(folder)
+        return cls(**models)
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write each stage into its subfolder, then `pipeline.json` (last, atomically)."""
+        root = Path(path)
+        stages = {}
+        for name in STAGES:
+            folder = getattr(self, name).save_pretrained(root / name)
+            stages[name] = {"folder": name, "save_id": read_json(folder / CONFIG_NAME)["save_id"]}
+        atomic_write_text(root / PIPELINE_NAME, json.dumps({"stages": stages}, indent=2) + "\n")
+        return root
+
+    def to(self, device: str | torch.device) -> TextToImagePipeline:
+        for name in STAGES:
+            getattr(self, name).to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.prior.parameters()).device
+
+    # ------------------------------------------------------------ generation
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        *,
+        num_images_per_prompt: int = 1,
+        guidance_scale: float = 3.0,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        num_candidates: int = 1,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+        show_progress: bool = True,
+        batch_size: int = 32,
+    ) -> TextToImageOutput:
+        """Generate `num_images_per_prompt` images per prompt. With `num_candidates` > 1, each image is the best
+        of that many samples by contrastive similarity to its prompt (reranking)."""
+        prompts = clean_prompts(prompt)
+        for name, value in (("num_images_per_prompt", num_images_per_prompt), ("num_candidates", num_candidates)):
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 4096:
+                raise ValueError(f"{name} must be an integer from 1 to 4096, got {value!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        check_sampling_args(self.prior.config.codebook_size, temperature, top_k, top_p, guidance_scale)
+        self._warn_if_truncated(prompts)
+
+        per_image = [p for p in prompts for _ in range(num_images_per_prompt)]
+        samples = [p for p in per_image for _ in range(num_candidates)]
+        codes, pixels, scores = [], [], []
+        for start in tqdm(range(0, len(samples), batch_size), desc="generating", disable=not show_progress):
+            texts = samples[start : start + batch_size]
+            features, mask = self.contrastive.text_token_features(texts)
+            batch_codes = self.prior.generate(
+                features, mask, temperature=temperature, top_k=top_k, top_p=top_p,
+                guidance_scale=guidance_scale, generator=generator, show_progress=show_progress,
+            )  # fmt: skip
+            images = self.vqvae.decode(batch_codes)
+            codes.append(batch_codes)
+            pixels.append(images)
+            scores.append(self.contrastive.similarity(images, texts))
+        codes_t, pixels_t, scores_t = torch.cat(codes), torch.cat(pixels), torch.cat(scores)
+        if num_candidates > 1:  # keep the best candidate of each group
+            best = (
+                scores_t.view(-1, num_candidates).argmax(1)
+                + torch.arange(len(per_image), device=scores_t.device) * num_candidates
+            )
+            codes_t, pixels_t, scores_t = codes_t[best], pixels_t[best], scores_t[best]
+        return TextToImageOutput(self._convert(pixels_t, output_type), codes_t, scores_t.float().cpu(), per_image)
+
+    def _warn_if_truncated(self, prompts: list[str]) -> None:
+        length = self.contrastive.config.context_length
+        tokenizer = self.contrastive.tokenizer
+        for i, text in enumerate(prompts):
+            if len(tokenizer.encode(text)) + 2 > length:
+                warnings.warn(f"prompt {i} is longer than {length} tokens; the end is cut off", stacklevel=3)
+
+    @staticmethod
+    def _convert(pixels: torch.Tensor, output_type: str):
+        if output_type == "pt":
+            return pixels.float().cpu()
+        if output_type == "np":
+            return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        return to_pil(pixels)

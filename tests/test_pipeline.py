@@ -1,0 +1,132 @@
+import json
+import warnings
+
+import pytest
+import torch
+
+from common.hub import ModelLoadError
+from contrastive.model import PRESETS as CLIP_PRESETS
+from contrastive.model import ContrastiveModel
+from pipelines.text_to_image import PIPELINE_NAME, TextToImagePipeline
+from prior.model import Prior, PriorConfig
+from vqvae.model import PRESETS as VQ_PRESETS
+from vqvae.model import VQVAE
+
+PRIOR = PriorConfig(codebook_size=16, grid_size=8, text_width=32, text_length=16, dim=32, layers=1, heads=2)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.manual_seed(0)
+    return TextToImagePipeline(VQVAE(VQ_PRESETS["tiny"]), ContrastiveModel(CLIP_PRESETS["tiny"]), Prior(PRIOR))
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_images_codes_and_scores(pipe):
+    out = pipe(["a blue ball on grass", "a red star"], num_images_per_prompt=2, generator=_gen(), show_progress=False)
+    assert len(out.images) == 4 and out.images[0].size == (16, 16) and out.images[0].mode == "RGB"
+    assert out.codes.shape == (4, 8, 8)
+    assert out.scores.shape == (4,) and out.scores.abs().max() <= 1
+    assert out.prompts == ["a blue ball on grass"] * 2 + ["a red star"] * 2
+    as_array = pipe("a red star", output_type="np", generator=_gen(), show_progress=False).images
+    assert as_array.shape == (1, 16, 16, 3) and as_array.dtype.name == "uint8"
+    as_tensor = pipe("a red star", output_type="pt", generator=_gen(), show_progress=False).images
+    assert as_tensor.shape == (1, 3, 16, 16) and as_tensor.min() >= -1 and as_tensor.max() <= 1
+
+
+def test_reranking_keeps_the_best_candidate(pipe):
+    best = pipe("a blue ball", num_candidates=4, guidance_scale=2.0, generator=_gen(3), show_progress=False)
+    all_four = pipe("a blue ball", num_images_per_prompt=4, guidance_scale=2.0, generator=_gen(3), show_progress=False)
+    winner = all_four.scores.argmax()
+    assert best.scores[0] == pytest.approx(all_four.scores.max().item())
+    assert torch.equal(best.codes[0], all_four.codes[winner])
+
+
+def test_save_load_gives_identical_images(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "pipe")
+    loaded = TextToImagePipeline.from_pretrained(tmp_path / "pipe")
+    a = pipe("a small white heart", output_type="pt", generator=_gen(1), show_progress=False)
+    b = loaded("a small white heart", output_type="pt", generator=_gen(1), show_progress=False)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.images, b.images)
+    separate = TextToImagePipeline.from_stages(
+        tmp_path / "pipe/vqvae", tmp_path / "pipe/contrastive", tmp_path / "pipe/prior"
+    )
+    assert torch.equal(separate("a small white heart", generator=_gen(1), show_progress=False).codes, a.codes)
+
+
+def test_mismatched_stages_are_named():
+    with pytest.raises(ValueError, match="codebook size is 32 but the tokenizer's is 16"):
+        TextToImagePipeline(
+            VQVAE(VQ_PRESETS["tiny"]),
+            ContrastiveModel(CLIP_PRESETS["tiny"]),
+            Prior(PRIOR.replace({"codebook_size": 32})),
+        )
+    with pytest.raises(ValueError, match="text width"):
+        TextToImagePipeline(
+            VQVAE(VQ_PRESETS["tiny"]), ContrastiveModel(CLIP_PRESETS["tiny"]), Prior(PRIOR.replace({"text_width": 64}))
+        )
+
+
+def test_pipeline_json_cannot_point_outside(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "pipe")
+    spec = json.loads((tmp_path / "pipe" / PIPELINE_NAME).read_text())
+    for bad in ("../../etc", "/etc", ".."):
+        spec["stages"]["prior"]["folder"] = bad
+        (tmp_path / "pipe" / PIPELINE_NAME).write_text(json.dumps(spec))
+        with pytest.raises(ModelLoadError, match="plain folder name"):
+            TextToImagePipeline.from_pretrained(tmp_path / "pipe")
+
+
+def test_a_stage_saved_on_its_own_is_noticed(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "pipe")
+    pipe.prior.save_pretrained(tmp_path / "pipe" / "prior")  # a new save_id
+    with pytest.raises(ModelLoadError, match="saved separately"):
+        TextToImagePipeline.from_pretrained(tmp_path / "pipe")
+
+
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [("", "empty"), ("   \n\t", "empty"), ([], "non-empty list"), (["ok", 3], "prompt 1 is a int"), (None, "string")],
+)
+def test_bad_prompts_get_a_clear_error(pipe, prompt, message):
+    with pytest.raises(ValueError, match=message):
+        pipe(prompt, show_progress=False)
+
+
+def test_odd_prompts_work(pipe):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = pipe(["x" * 10_000, "🐶 a dog \x00\x1b[31m red", "ünïcödé ball"], generator=_gen(), show_progress=False)
+    assert len(out.images) == 3
+    assert any("characters" in str(w.message) or "tokens" in str(w.message) for w in caught)
+    assert "\x00" not in out.prompts[1] and "\x1b" not in out.prompts[1]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"guidance_scale": float("nan")}, "guidance_scale"), ({"guidance_scale": -2.0}, "guidance_scale"),
+     ({"top_k": 0}, "top_k"), ({"top_k": 10_000}, "codebook size"), ({"top_p": 0.0}, "top_p"),
+     ({"num_candidates": 0}, "num_candidates"), ({"num_images_per_prompt": 1.5}, "num_images_per_prompt"),
+     ({"output_type": "jpeg"}, "output_type")],
+)  # fmt: skip
+def test_bad_arguments_get_a_clear_error(pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pipe("a blue ball", show_progress=False, **kwargs)
+
+
+def test_generate_command_writes_a_grid(pipe, tmp_path, capsys):
+    from PIL import Image
+
+    from pipelines.cli import main
+
+    pipe.save_pretrained(tmp_path / "pipe")
+    out = tmp_path / "grid.png"
+    assert main(["generate", "a blue ball on grass", "a red star", "--model", str(tmp_path / "pipe"),
+                 "-n", "3", "--seed", "0", "--out", str(out)]) == 0  # fmt: skip
+    assert Image.open(out).size[0] > 3 * 16
+    assert main(["generate", "", "--model", str(tmp_path / "pipe")]) == 2
+    assert "prompt 0 is empty" in capsys.readouterr().err
+    assert main(["generate", "x", "--model", str(tmp_path / "nothing")]) == 2

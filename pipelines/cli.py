@@ -68,7 +68,21 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"wrote {len(out.images)} images to {args.out} (labels: contrastive score, prompt)")
 
 
+def _assemble(args: argparse.Namespace) -> None:
+    from pipelines.text_to_image import TextToImagePipeline
+
+    pipe = TextToImagePipeline.from_stages(args.vqvae, args.contrastive, args.prior)
+    print(f"wrote the pipeline to {pipe.save_pretrained(args.out)}")
+
+
 def _add_generate_cli(subparsers: argparse._SubParsersAction) -> None:
+    assemble = subparsers.add_parser("assemble", help="join three trained stages into one pipeline folder")
+    assemble.add_argument("--vqvae", required=True, help="the tokenizer folder")
+    assemble.add_argument("--contrastive", required=True, help="the contrastive model folder")
+    assemble.add_argument("--prior", required=True, help="the prior folder")
+    assemble.add_argument("--out", required=True, help="the pipeline folder to write")
+    assemble.set_defaults(func=_assemble)
+
     gen = subparsers.add_parser("generate", help="generate images from text prompts")
     gen.add_argument("prompts", nargs="+", help='one or more prompts, e.g. "a blue ball on grass"')
     gen.add_argument("--model", required=True, help="a pipeline folder (pipeline.json + vqvae/ contrastive/ prior/)")

@@ -122,7 +122,10 @@ def test_generate_command_writes_a_grid(pipe, tmp_path, capsys):
 
     from pipelines.cli import main
 
-    pipe.save_pretrained(tmp_path / "pipe")
+    for stage in ("vqvae", "contrastive", "prior"):
+        getattr(pipe, stage).save_pretrained(tmp_path / "stages" / stage)
+    stages = [f"--{stage}={tmp_path / 'stages' / stage}" for stage in ("vqvae", "contrastive", "prior")]
+    assert main(["assemble", *stages, "--out", str(tmp_path / "pipe")]) == 0
     out = tmp_path / "grid.png"
     assert main(["generate", "a blue ball on grass", "a red star", "--model", str(tmp_path / "pipe"),
                  "-n", "3", "--seed", "0", "--out", str(out)]) == 0  # fmt: skip

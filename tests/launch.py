@@ -12,17 +12,24 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def launch_command(module: str, args: list[str], num_processes: int = 1, as_module: bool = True) -> list[str]:
+    """The `accelerate launch` command line for a module (or a script path) on CPU processes."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
+    launcher += ["--multi_gpu"] if num_processes > 1 else ["--cpu"]
+    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return [*launcher, *(["-m", module] if as_module else [module]), *args]
+
+
+LAUNCH_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
 def accelerate_launch(
     module: str, args: list[str], num_processes: int = 1, timeout: int = 300, as_module: bool = True
 ) -> str:
     """Run `accelerate launch -m module args` (or a script path); return its output, failing the test on error."""
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
-    launcher += ["--multi_gpu"] if num_processes > 1 else ["--cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
-        [*launcher, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         *(["-m", module] if as_module else [module]), *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False,
+        launch_command(module, args, num_processes, as_module),
+        cwd=ROOT, env=LAUNCH_ENV, capture_output=True, text=True, timeout=timeout, check=False,
     )  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{module} failed:\n{output[-4000:]}"

@@ -72,7 +72,7 @@ def clean_prompts(prompt: str | list[str], max_chars: int = 1000) -> list[str]:
         if not text:
             raise ValueError(f"prompt {i} is empty")
         if len(text) > max_chars:
-            warnings.warn(f"prompt {i} has {len(text)} characters; using the first {max_chars}", stacklevel=3)
+            warnings.warn(f"prompt {i} has {len(text)} characters; using the first {max_chars}", stacklevel=4)
             text = text[:max_chars]
         cleaned.append(text)
     return cleaned
@@ -208,7 +208,7 @@ class TextToImagePipeline:
         tokenizer = self.contrastive.tokenizer
         for i, text in enumerate(prompts):
             if len(tokenizer.encode(text)) + 2 > length:
-                warnings.warn(f"prompt {i} is longer than {length} tokens; the end is cut off", stacklevel=3)
+                warnings.warn(f"prompt {i} is longer than {length} tokens; the end is cut off", stacklevel=4)
 
     @staticmethod
     def _convert(pixels: torch.Tensor, output_type: str):

@@ -69,6 +69,10 @@ PRESETS: dict[str, PriorConfig] = {
 }
 
 
+MAX_GUIDANCE = 1000.0
+MIN_TEMPERATURE = 1e-4  # lower temperatures act as this one, which is practically greedy
+
+
 class KVCache:
     """Preallocated keys and values for every layer: (layers, B, heads, max_len, head_dim) each."""
 
@@ -125,6 +129,7 @@ def _filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
+        drop[..., 0] = False  # and always the most likely code (a tiny top_p rounds to 0 in float32)
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
 
@@ -141,8 +146,8 @@ def check_sampling_args(
         raise ValueError(f"top_k must be at most the codebook size ({codebook_size}), got {top_k}")
     if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale) and guidance_scale >= 0):
-        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
+    if not (isinstance(guidance_scale, (int, float)) and 0 <= guidance_scale <= MAX_GUIDANCE):
+        raise ValueError(f"guidance_scale must be a number from 0 to {MAX_GUIDANCE}, got {guidance_scale}")
 
 
 class Prior(PretrainedModel):
@@ -315,7 +320,8 @@ class Prior(PretrainedModel):
             if guided:
                 cond, uncond = logits[:b], logits[b:]
                 logits = uncond + guidance_scale * (cond - uncond)
-            logits = _filter_logits(logits / temperature, top_k, top_p)
+            logits = logits - logits.max(-1, keepdim=True).values  # <= 0, so dividing cannot overflow
+            logits = _filter_logits(logits / max(temperature, MIN_TEMPERATURE), top_k, top_p)
             probs = logits.softmax(-1)
             codes[:, step] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         return codes.view(b, c.grid_size, c.grid_size)

@@ -95,6 +95,7 @@ def test_top_k_and_top_p_never_sample_outside_their_set():
     kept_p = torch.isfinite(_filter_logits(logits, None, 0.8))[0]
     assert kept_p.tolist()[:2] == [True, True] and probs[:2].sum() >= 0.8 > probs[:1].sum()
     assert not kept_p[2:].any()
+    assert torch.isfinite(_filter_logits(logits, None, 1e-100)).tolist() == [[True] + [False] * 5]
     model = _prior()
     features, mask = _text(b=4)
     with torch.no_grad():

@@ -106,12 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from contrastive import search_cli
     from corpora import shapes_judge
-    from pipelines import demo
+    from pipelines import demo, evaluate
     from vqvae import cli as vqvae_cli
 
     shapes_judge.add_cli(subparsers)
     vqvae_cli.add_cli(subparsers)
     search_cli.add_cli(subparsers)
+    evaluate.add_cli(subparsers)
     demo.add_cli(subparsers)
     return parser
 

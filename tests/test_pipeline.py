@@ -133,3 +133,19 @@ def test_generate_command_writes_a_grid(pipe, tmp_path, capsys):
     assert main(["generate", "", "--model", str(tmp_path / "pipe")]) == 2
     assert "prompt 0 is empty" in capsys.readouterr().err
     assert main(["generate", "x", "--model", str(tmp_path / "nothing")]) == 2
+
+
+def test_eval_command_writes_json_and_markdown(pipe, tmp_path, capsys):
+    from corpora.shapes import build
+    from pipelines.cli import main
+
+    build(tmp_path / "data", 40, resolution=16, seed=0, val_fraction=0.5, workers=1, progress=False)
+    pipe.save_pretrained(tmp_path / "pipe")
+    args = ["eval", "--model", str(tmp_path / "pipe"), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "ev"),
+            "--num-prompts", "6"]  # fmt: skip
+    assert main(args) == 0
+    report = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert {"psnr", "usage"} <= report["tokenizer"].keys()
+    assert "text_to_image_r1" in report["search"]
+    assert report["generation"]["prompts"] == 6 and 0 <= report["generation"]["judge_match_all"] <= 1
+    assert "## Generation" in (tmp_path / "ev" / "eval.md").read_text()

@@ -3,8 +3,8 @@
 A codes folder is a `datasets.DatasetDict` written by `save_to_disk` with `train` and `validation` splits of
 `codes` (the flattened code grid, int16 or int32), `text` (the caption) and `source` (the image's path or
 "dataset:split:row"), plus `codes_info.json`: the identity of what made it, i.e. the tokenizer folder's
-`save_id` and every data setting that changes which rows are read, at which resolution. Reading a folder
-made with another tokenizer or other data is refused with an error naming the difference. The folder is
+`save_id`, and the data settings and split seed that decide which rows are read and at which resolution.
+Loading it for another tokenizer or other data is refused with an error naming the difference. The folder is
 written under a temporary name and renamed into place when complete.
 
     encode_dataset("runs/vqvae", DataConfig(train_data_dir="data/shapes"), "runs/prior/codes")
@@ -136,7 +136,8 @@ def encode_dataset(
     device: str | torch.device = "cpu",
 ) -> Path:
     """Encode both splits of `data` (read by `load_image_text` with `seed`) with the tokenizer saved in the folder
-    `vqvae`, and write them with their identity to the codes folder `out_dir`, which is returned."""
+    `vqvae`, and write them with their identity to the codes folder `out_dir`, which is returned. The validation
+    split must not be empty."""
     identity = {"format": CODES_FORMAT, "vqvae": tokenizer_identity(vqvae), "data": data_identity(data, seed)}
     model = VQVAE.from_pretrained(vqvae, device)
     if data.resolution != model.config.resolution:
@@ -145,6 +146,8 @@ def encode_dataset(
             f"{data.resolution} px (--resolution)"
         )
     splits = load_image_text(data, seed=seed, progress=progress)
+    if not len(splits.validation):
+        raise CodesCacheError("the data has no validation rows; set --validation_fraction above 0")
     tables = {
         name: _encode_split(model, split, batch_size, data.dataloader_num_workers, progress, f"encoding {name}")
         for name, split in (("train", splits.train), ("validation", splits.validation))
@@ -219,11 +222,11 @@ def cached_codes(
     """The codes in `directory`, checked to come from this tokenizer and data, after encoding them there if
     the folder does not exist yet."""
     directory = Path(directory)
-    if (directory / INFO_NAME).is_file():
-        if progress:
-            print(f"vqclip codes: using {directory}", file=sys.stderr)
-    else:
+    if not (directory / INFO_NAME).is_file():
         if progress:
             print(f"vqclip codes: encoding the data into {directory}", file=sys.stderr)
         encode_dataset(vqvae, data, directory, batch_size, progress, seed=seed, device=device)
-    return load_codes(directory, vqvae, data, seed=seed)
+    train, validation = load_codes(directory, vqvae, data, seed=seed)
+    if progress:
+        print(f"vqclip codes: {len(train)} train + {len(validation)} validation rows from {directory}", file=sys.stderr)
+    return train, validation

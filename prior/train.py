@@ -34,7 +34,7 @@ from common.grid import make_grid, to_pil
 from common.training import Trainer, TrainerHooks, add_training_args
 from contrastive.model import ContrastiveConfig, ContrastiveModel
 from prior.codes import cached_codes
-from prior.model import PRESETS, Prior, PriorConfig
+from prior.model import PRESETS, Prior, PriorConfig, check_sampling_args
 from vqvae.model import VQVAE, VQVAEConfig
 
 SAMPLE_PROMPTS = (
@@ -72,8 +72,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if not args.text_cache_mb >= 0:
         parser.error(f"--text_cache_mb must be >= 0, got {args.text_cache_mb}")
-    if not (math.isfinite(args.guidance_scale) and args.guidance_scale >= 0):
-        parser.error(f"--guidance_scale must be a finite number >= 0, got {args.guidance_scale}")
     return args
 
 
@@ -181,6 +179,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
     elif args.resolution != vqvae.config.resolution:
         raise ValueError(f"--resolution {args.resolution}: the tokenizer takes {vqvae.config.resolution} px images")
     config = prior_config(args, vqvae.config, encoder.config)
+    check_sampling_args(config.codebook_size, 1.0, None, None, args.guidance_scale)
+    if config.cond_drop_prob == 0 and args.guidance_scale != 1:
+        raise ValueError("--guidance_scale needs a null condition trained with --cond_drop_prob > 0; set it to 1")
     output_dir = Path(args.output_dir)
     with state.main_process_first():  # the main process encodes the data if needed; the others then read it
         train, validation = cached_codes(
@@ -192,8 +193,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
             progress=state.is_main_process,
             device=state.device,
         )
-    if not len(validation):
-        raise ValueError("the validation split is empty; set --validation_fraction above 0")
     set_seed(args.seed)  # after the encoding, which only the main process may have done
     model = Prior(config)
     if config.cond_drop_prob == 0:  # the null condition is then never used, and DDP refuses unused parameters

@@ -65,6 +65,9 @@ def test_codes_from_another_tokenizer_or_other_data_are_refused(stages, tmp_path
     with pytest.raises(CodesCacheError, match="takes 16 px"):
         encode_dataset(stages.root / "vqvae", DataConfig(train_data_dir=stages.data.train_data_dir, resolution=32),
                        tmp_path / "codes", progress=False)  # fmt: skip
+    flat = DataConfig(train_data_dir=str(stages.root / "shapes" / "train"), resolution=16, validation_fraction=0)
+    with pytest.raises(CodesCacheError, match="no validation rows"):
+        encode_dataset(stages.root / "vqvae", flat, tmp_path / "codes", progress=False)
     # encoding again with the other tokenizer replaces the folder, which then belongs to it
     copy = encode_dataset(stages.root / "vqvae", stages.data, tmp_path / "codes", batch_size=64, progress=False)
     encode_dataset(stages.root / "other_vqvae", stages.data, copy, batch_size=64, progress=False)
@@ -131,8 +134,8 @@ def _train_args(stages, out, steps, batch, *extra):
     return _cli(stages, out, *[
         "--max_train_steps", str(steps), "--train_batch_size", str(batch), "--checkpointing_steps", "2",
         "--validation_steps", "2", "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--seed", "1",
-        "--logging_steps", "1", "--adam_epsilon", "1e-3", "--cond_drop_prob", "0", "--eval_rows", "8",
-        "--samples_per_prompt", "1", *extra,
+        "--logging_steps", "1", "--adam_epsilon", "1e-3", "--cond_drop_prob", "0", "--guidance_scale", "1",
+        "--eval_rows", "8", "--samples_per_prompt", "1", *extra,
     ])  # fmt: skip
 
 
@@ -145,7 +148,7 @@ def test_training_script_resumes_and_two_processes_match_one(stages, tmp_path):
     shutil.copytree(one / "checkpoints" / "checkpoint-2", two / "checkpoints" / "checkpoint-2")
     resume = ("--resume_from_checkpoint", "latest", "--codes_cache", str(one / "codes"))
     out = accelerate_launch("prior.train", _train_args(stages, two, 3, 4, *resume), num_processes=2)
-    assert "at step 2" in out and f"using {one / 'codes'}" in out
+    assert "at step 2" in out and f"rows from {one / 'codes'}" in out and "encoding the data" not in out
     a, b = weights(one), weights(two)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
     assert {p.name for p in (two / "checkpoints" / "checkpoint-3").glob("rng-*.json")} == {"rng-0.json", "rng-1.json"}

@@ -225,15 +225,16 @@ class Prior(PretrainedModel):
         text_features: torch.Tensor,
         targets: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
+        drop: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """codes (B, h, w) or (B, N) -> logits (B, N, codebook_size) for each code given the earlier ones; with
-        targets, the mean cross entropy. In training mode the condition is dropped with `cond_drop_prob`."""
+        targets, the mean cross entropy. Rows where `drop` (B,) is True get the null condition; without `drop`,
+        training mode draws it with probability `cond_drop_prob`."""
         c = self.config
         codes = codes.flatten(1)
         if codes.shape[1] != c.num_codes:
             raise ValueError(f"expected {c.num_codes} codes per image, got {codes.shape[1]}")
-        drop = None
-        if self.training and c.cond_drop_prob > 0:
+        if drop is None and self.training and c.cond_drop_prob > 0:
             drop = torch.rand(codes.shape[0], device=codes.device) < c.cond_drop_prob
         prefix, prefix_mask = self.condition(text_features, text_mask, drop)
         start = self.start.expand(codes.shape[0], 1, -1)

@@ -126,7 +126,7 @@ class TextFeatures:
 def make_loss(text: TextFeatures):
     def compute_loss(model: torch.nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         features, mask = text(batch["text"])
-        _, loss = model(batch["codes"], features, targets=batch["codes"], text_mask=mask)
+        _, loss = model(batch["codes"], features, targets=batch["codes"], text_mask=mask, drop=batch.get("drop"))
         return loss, {"bits_per_code": loss.item() / math.log(2)}
 
     return compute_loss
@@ -212,11 +212,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
     def validate(step: int, unwrapped: torch.nn.Module) -> dict[str, float]:
         return {"val_bits_per_code": bits_per_code(unwrapped, eval_rows, text, args.train_batch_size)}
 
+    def draw_drop(sample: dict, generator: torch.Generator) -> dict:
+        """Condition dropout drawn per row from (seed, epoch, row): the same for any process count or resume."""
+        return {**sample, "drop": torch.rand((), generator=generator) < config.cond_drop_prob}
+
     trainer = Trainer(
         args,
         model,
         train,
         make_loss(text),
+        transform=draw_drop,
         hooks=TrainerHooks([(args.validation_steps, validate), (args.validation_steps, save_samples)]),
     )
     trainer.fit()

@@ -19,6 +19,7 @@ import math
 import os
 import random
 import shutil
+import sys
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -460,3 +461,19 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to_device(v, device) for v in batch)
     return batch
+
+
+def write_eval(output_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Write a stage's final `eval.json` (atomically) and print it as one JSON line."""
+    atomic_write_text(Path(output_dir) / "eval.json", json.dumps(metrics, indent=2) + "\n")
+    print(json.dumps(metrics))
+    return metrics
+
+
+def run_script(main: Callable[[], Any], name: str) -> None:
+    """Run a training script's `main`; a ValueError (a bad flag, unusable data) is one line and exit status 2."""
+    try:
+        main()
+    except ValueError as err:
+        print(f"{name}: error: {err}", file=sys.stderr)
+        sys.exit(2)

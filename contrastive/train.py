@@ -15,10 +15,8 @@ Writes checkpoints, `metrics.jsonl`, the model (config.json + model.safetensors)
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,7 +27,7 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 
 from common.data import DataConfig, collate, load_image_text
-from common.training import Trainer, TrainerHooks, add_training_args
+from common.training import Trainer, TrainerHooks, add_training_args, run_script, write_eval
 from contrastive.evaluate import caption_key, retrieval_metrics
 from contrastive.model import PRESETS, ContrastiveModel
 
@@ -121,14 +119,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
     final = trainer.unwrapped
     final.save_pretrained(output_dir)
     metrics = retrieval_metrics(final.eval(), data.validation, batch_size=args.train_batch_size)
-    (output_dir / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps(metrics))
-    return metrics
+    return write_eval(output_dir, metrics)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as err:
-        print(f"contrastive.train: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main, "contrastive.train")

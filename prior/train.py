@@ -17,9 +17,7 @@ OUTPUT_DIR/samples, and at the end the prior (config.json + model.safetensors), 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import sys
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +29,7 @@ from PIL import Image
 
 from common.data import DataConfig
 from common.grid import make_grid, to_pil
-from common.training import Trainer, TrainerHooks, add_training_args
+from common.training import Trainer, TrainerHooks, add_training_args, run_script, write_eval
 from contrastive.model import ContrastiveConfig, ContrastiveModel
 from prior.codes import cached_codes
 from prior.model import PRESETS, Prior, PriorConfig, check_sampling_args
@@ -231,14 +229,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
     final.save_pretrained(output_dir)
     samples(final).save(output_dir / "samples.png")
     metrics = {"bits_per_code": bits_per_code(final, validation, text, args.train_batch_size), "rows": len(validation)}
-    (output_dir / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps(metrics))
-    return metrics
+    return write_eval(output_dir, metrics)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as err:
-        print(f"prior.train: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main, "prior.train")

@@ -11,8 +11,6 @@ codebook usage, perplexity and dead codes on the validation split) in OUTPUT_DIR
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from accelerate.utils import set_seed
 
 from common.data import DataConfig, collate, load_image_text
 from common.metrics import psnr
-from common.training import Trainer, TrainerHooks, add_training_args
+from common.training import Trainer, TrainerHooks, add_training_args, run_script, write_eval
 from vqvae.evaluate import evaluate, reconstruction_grid
 from vqvae.gan import VQGAN, PatchDiscriminator, adaptive_weight, hinge_discriminator_loss
 from vqvae.model import PRESETS, VQVAE
@@ -120,14 +118,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
     final.save_pretrained(output_dir)
     reconstruction_grid(final, grid_pixels).save(output_dir / "reconstruction.png")
     metrics = evaluate(final, data.validation, batch_size=args.train_batch_size)
-    (output_dir / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps(metrics))
-    return metrics
+    return write_eval(output_dir, metrics)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as err:
-        print(f"vqvae.train: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main, "vqvae.train")

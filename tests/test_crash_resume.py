@@ -1,5 +1,5 @@
 """A training run killed with SIGKILL at a random moment resumes from its newest complete checkpoint and ends
-with the same weights as an uninterrupted run."""
+with the same weights as an uninterrupted run, for each stage."""
 
 import json
 import os
@@ -12,51 +12,72 @@ import pytest
 import torch
 
 from common.training import list_checkpoints
+from contrastive.model import PRESETS as CONTRASTIVE_PRESETS
+from contrastive.model import ContrastiveModel
 from corpora.shapes import build
 from tests.launch import LAUNCH_ENV, ROOT, accelerate_launch, launch_command, weights
+from vqvae.model import PRESETS as VQVAE_PRESETS
+from vqvae.model import VQVAE
 
 pytestmark = pytest.mark.slow
+STEPS = 10
 
 
-def _args(data, out):
-    return [
-        "--train_data_dir", str(data), "--resolution", "16", "--output_dir", str(out), "--preset", "tiny",
-        "--max_train_steps", "10", "--train_batch_size", "8", "--checkpointing_steps", "2", "--validation_steps", "100",
-        "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--seed", "1", "--logging_steps", "1",
-        "--resume_from_checkpoint", "latest",
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """16 px shapes data and tiny frozen stages for the prior."""
+    root = tmp_path_factory.mktemp("crash")
+    build(root / "data", 120, resolution=16, seed=0, workers=1, progress=False)
+    torch.manual_seed(0)
+    VQVAE(VQVAE_PRESETS["tiny"]).save_pretrained(root / "vqvae")
+    ContrastiveModel(CONTRASTIVE_PRESETS["tiny"]).save_pretrained(root / "contrastive")
+    return root
+
+
+def _args(world, module, out):
+    args = [
+        "--train_data_dir", str(world / "data"), "--output_dir", str(out), "--preset", "tiny",
+        "--max_train_steps", str(STEPS), "--train_batch_size", "8", "--checkpointing_steps", "2",
+        "--validation_steps", "100", "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--seed", "1",
+        "--logging_steps", "1", "--resume_from_checkpoint", "latest",
     ]  # fmt: skip
+    if module == "prior.train":
+        return [*args, "--vqvae", str(world / "vqvae"), "--contrastive", str(world / "contrastive"), "--eval_rows", "8"]
+    return [*args, "--resolution", "16"]
 
 
 def _logged_steps(out):
     path = out / "metrics.jsonl"
-    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.is_file() else []
+    if not path.is_file():
+        return []
+    return [row["step"] for row in map(json.loads, path.read_text().splitlines()) if "loss" in row]
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
-    data = tmp_path / "data"
-    build(data, 120, resolution=16, seed=0, workers=1, progress=False)
+@pytest.mark.parametrize("module", ["vqvae.train", "contrastive.train", "prior.train"])
+def test_sigkill_then_resume_matches_an_uninterrupted_run(world, tmp_path, module):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    accelerate_launch("vqvae.train", _args(data, straight))
+    accelerate_launch(module, _args(world, module, straight))
 
     kill_after = random.SystemRandom().randint(3, 8)  # a different moment on every run; it must not matter
     proc = subprocess.Popen(
-        launch_command("vqvae.train", _args(data, crashed)), cwd=ROOT, env=LAUNCH_ENV, start_new_session=True,
+        launch_command(module, _args(world, module, crashed)), cwd=ROOT, env=LAUNCH_ENV, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and (max(_logged_steps(crashed), default=0) < kill_after):
+    while time.time() < deadline and proc.poll() is None and max(_logged_steps(crashed), default=0) < kill_after:
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     complete = list_checkpoints(crashed)
-    assert complete and int(complete[-1].name.split("-")[1]) < 10, f"not interrupted (kill after step {kill_after})"
+    last = int(complete[-1].name.split("-")[1]) if complete else 0
+    assert 0 < last < STEPS, f"not interrupted mid-run (kill after step {kill_after})"
     # a checkpoint half-written when the process died must never be picked up
     half = crashed / "checkpoints" / ".tmp-checkpoint-999"
     half.mkdir(exist_ok=True)
     (half / "trainer_state.json").write_text("{")
 
-    out = accelerate_launch("vqvae.train", _args(data, crashed))
-    assert f"at step {complete[-1].name.split('-')[1]}" in out
-    assert _logged_steps(crashed) == list(range(1, 11))  # each step logged once: no gap, no repeat
+    out = accelerate_launch(module, _args(world, module, crashed))
+    assert f"at step {last}" in out
+    assert _logged_steps(crashed) == list(range(1, STEPS + 1))  # each step logged once: no gap, no repeat
     a, b = weights(straight), weights(crashed)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), f"killed after step {kill_after}"

@@ -64,3 +64,10 @@ def test_two_processes_match_one_with_the_doubled_batch(shapes16, tmp_path):
         "rng-1.safetensors",
     }
     assert _close(one, two)
+    # only the main process writes: each step is logged once, and one final model and grid exist
+    logged = [json.loads(line)["step"] for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3]
+    assert sorted(p.name for p in (two / "samples").iterdir()) == [
+        "reconstruction-000002.png",
+        "reconstruction-000003.png",
+    ]

@@ -53,31 +53,49 @@ def _logged_steps(out):
     return [row["step"] for row in map(json.loads, path.read_text().splitlines()) if "loss" in row]
 
 
-@pytest.mark.parametrize("module", ["vqvae.train", "contrastive.train", "prior.train"])
-def test_sigkill_then_resume_matches_an_uninterrupted_run(world, tmp_path, module):
+def _writing_a_checkpoint(out):
+    """True while a checkpoint after the first complete one is being written."""
+    folder = out / "checkpoints"
+    return bool(list_checkpoints(out)) and any(p.name.startswith(".tmp-") for p in folder.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("module", "moment"),
+    [("vqvae.train", "step"), ("vqvae.train", "checkpoint write"), ("contrastive.train", "step"),
+     ("prior.train", "step")],
+)  # fmt: skip
+def test_sigkill_then_resume_matches_an_uninterrupted_run(world, tmp_path, module, moment):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     accelerate_launch(module, _args(world, module, straight))
 
     kill_after = random.SystemRandom().randint(3, 8)  # a different moment on every run; it must not matter
+
+    def due() -> bool:
+        if moment == "step":
+            return max(_logged_steps(crashed), default=0) >= kill_after
+        return _writing_a_checkpoint(crashed)
+
     proc = subprocess.Popen(
         launch_command(module, _args(world, module, crashed)), cwd=ROOT, env=LAUNCH_ENV, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and max(_logged_steps(crashed), default=0) < kill_after:
-        time.sleep(0.02)
+    while time.time() < deadline and proc.poll() is None and not due():
+        time.sleep(0.001)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     complete = list_checkpoints(crashed)
     last = int(complete[-1].name.split("-")[1]) if complete else 0
-    assert 0 < last < STEPS, f"not interrupted mid-run (kill after step {kill_after})"
-    # a checkpoint half-written when the process died must never be picked up
-    half = crashed / "checkpoints" / ".tmp-checkpoint-999"
-    half.mkdir(exist_ok=True)
-    (half / "trainer_state.json").write_text("{")
+    assert 0 < last < STEPS, f"not interrupted mid-run ({moment}, kill after step {kill_after})"
+    if moment == "checkpoint write":
+        assert any(p.name.startswith(".tmp-") for p in (crashed / "checkpoints").iterdir()), "missed the write"
+    else:  # a checkpoint half-written when the process died must never be picked up
+        half = crashed / "checkpoints" / ".tmp-checkpoint-999"
+        half.mkdir(exist_ok=True)
+        (half / "trainer_state.json").write_text("{")
 
     out = accelerate_launch(module, _args(world, module, crashed))
     assert f"at step {last}" in out
     assert _logged_steps(crashed) == list(range(1, STEPS + 1))  # each step logged once: no gap, no repeat
     a, b = weights(straight), weights(crashed)
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), f"killed after step {kill_after}"
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), f"{moment}: killed after step {kill_after}"

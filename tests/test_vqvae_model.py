@@ -129,3 +129,16 @@ def test_bad_inputs_raise_clear_errors():
         model.decode(torch.full((1, 8, 8), 99))
     with pytest.raises(ValueError, match="resolution"):
         VQVAEConfig(resolution=18, channel_mult=(1, 2, 2))
+
+
+def test_a_billion_entry_codebook_is_refused_before_allocating(tmp_path):
+    import json
+
+    from common.hub import ModelLoadError
+
+    _model().save_pretrained(tmp_path / "vq")
+    config = json.loads((tmp_path / "vq" / "config.json").read_text())
+    config["codebook_size"] = 10**9
+    (tmp_path / "vq" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="codebook_size"):
+        VQVAE.from_pretrained(tmp_path / "vq")

@@ -1,5 +1,4 @@
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -9,6 +8,7 @@ import pytest
 from PIL import Image
 
 from corpora import emoji
+from tests.helpers import folder_digest
 
 FIXTURES = Path(__file__).parent / "fixtures" / "emoji"
 COLUMNS = {"file_name", "text", "style", "concept", "category", "subcategory", "skin_tone"}
@@ -25,14 +25,6 @@ def _rows(folder):
         split: [json.loads(line) for line in (folder / split / "metadata.jsonl").read_text().splitlines()]
         for split in ("train", "validation")
     }
-
-
-def _digest(folder):
-    h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        h.update(str(path.relative_to(folder)).encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
 
 
 def _build(out, **kwargs):
@@ -129,11 +121,11 @@ def test_no_skin_tones_leaves_out_the_variants(tmp_path):
 def test_build_is_deterministic_whatever_the_worker_count(tmp_path):
     _build(tmp_path / "a", heldout_fraction=0.5, seed=0)
     _build(tmp_path / "b", heldout_fraction=0.5, seed=0, workers=2)
-    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert folder_digest(tmp_path / "a") == folder_digest(tmp_path / "b")
     table = emoji.concepts()
     other = next(s for s in range(1, 100) if emoji.split_of(table["1f44b"], s, 0.5) == "train")
     _build(tmp_path / "c", heldout_fraction=0.5, seed=other)
-    assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+    assert folder_digest(tmp_path / "a") != folder_digest(tmp_path / "c")
 
 
 def test_noto_rejects_what_the_font_cannot_draw():

@@ -1,4 +1,3 @@
-import hashlib
 import json
 import random
 
@@ -6,14 +5,7 @@ import numpy as np
 import pytest
 
 from corpora import shapes
-
-
-def _digest(folder):
-    h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        h.update(str(path.relative_to(folder)).encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
+from tests.helpers import folder_digest
 
 
 def _rows(folder, split):
@@ -25,8 +17,8 @@ def test_build_is_deterministic_whatever_the_worker_count(tmp_path):
     shapes.build(tmp_path / "a", 60, resolution=32, seed=3, workers=1, progress=False)
     shapes.build(tmp_path / "b", 60, resolution=32, seed=3, workers=2, progress=False)
     shapes.build(tmp_path / "c", 60, resolution=32, seed=4, workers=1, progress=False)
-    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
-    assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+    assert folder_digest(tmp_path / "a") == folder_digest(tmp_path / "b")
+    assert folder_digest(tmp_path / "a") != folder_digest(tmp_path / "c")
 
 
 def test_training_split_never_shows_a_heldout_composition(tmp_path):

@@ -34,7 +34,8 @@ import torch
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
-METADATA_NAME = "metadata.jsonl"
+from common.metadata import METADATA_NAME
+
 VALIDATION_SPLITS = ("validation", "valid", "val", "dev", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DATASET_FILE_BUILDERS = {

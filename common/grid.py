@@ -6,6 +6,7 @@ import math
 import textwrap
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
@@ -41,7 +42,11 @@ def make_grid(
     return sheet
 
 
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
+    return ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
 def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] -> PIL images."""
-    arrays = ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arrays]
+    return [Image.fromarray(a) for a in to_uint8(pixels)]

@@ -41,6 +41,8 @@ import emoji
 from PIL import Image, ImageDraw, ImageFont, features
 from tqdm.auto import tqdm
 
+from common.metadata import write_metadata
+
 STYLES = ("noto", "twemoji", "openmoji", "fluent")
 LICENCES = {
     "noto": "OFL-1.1 (the font) and Apache-2.0 (noto-emoji), per the Debian package's copyright file",
@@ -448,8 +450,7 @@ def build(
         split_rows = [row for s, row in kept if s == split]
         for row in split_rows:
             counts[row["style"]][split] += 1
-        lines = "".join(json.dumps(row, sort_keys=True) + "\n" for row in split_rows)
-        (out / split / "metadata.jsonl").write_text(lines, encoding="utf-8")
+        write_metadata(out / split, split_rows)
     info = {
         "resolution": resolution,
         "seed": seed,

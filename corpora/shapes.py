@@ -25,6 +25,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm.auto import tqdm
 
+from common.metadata import write_metadata
+
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (215, 30, 30),
     "orange": (245, 135, 20),
@@ -423,8 +425,7 @@ def build(
             bar.update()
     bar.close()
     for split, split_rows in rows.items():
-        lines = "".join(json.dumps(row, sort_keys=True) + "\n" for row in split_rows)
-        (out / split / "metadata.jsonl").write_text(lines, encoding="utf-8")
+        write_metadata(out / split, split_rows)
     info = {
         "resolution": resolution,
         "seed": seed,

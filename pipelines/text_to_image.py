@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from common.grid import to_pil
+from common.grid import to_pil, to_uint8
 from common.hub import CONFIG_NAME, ModelLoadError, atomic_write_text, read_json
 from contrastive.model import ContrastiveModel
 from prior.model import Prior, check_sampling_args
@@ -215,5 +215,5 @@ class TextToImagePipeline:
         if output_type == "pt":
             return pixels.float().cpu()
         if output_type == "np":
-            return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+            return to_uint8(pixels)
         return to_pil(pixels)

@@ -25,8 +25,9 @@ import torch
 from common.data import DataConfig, load_image_text
 from contrastive.evaluate import embed_dataset, recall_at
 from contrastive.model import ContrastiveModel
+from pipelines.text_to_image import DEMO_MODEL
 
-RELEASED = Path(__file__).resolve().parents[1] / "models" / "shapes-demo" / "contrastive"
+RELEASED = DEMO_MODEL / "contrastive"
 
 
 def shapes_heldout_top1(model: ContrastiveModel, data_dir: str) -> dict[str, float]:

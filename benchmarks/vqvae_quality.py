@@ -21,10 +21,11 @@ import torch
 
 from common.data import DataConfig, collate, load_image_text
 from common.grid import to_pil
+from pipelines.text_to_image import DEMO_MODEL
 from vqvae.evaluate import evaluate
 from vqvae.model import VQVAE
 
-RELEASED = Path(__file__).resolve().parents[1] / "models" / "shapes-demo" / "vqvae"
+RELEASED = DEMO_MODEL / "vqvae"
 FIDELITY_ATTRIBUTES = ("color", "shape", "background")
 
 

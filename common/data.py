@@ -181,7 +181,7 @@ def to_tensor(pixels: np.ndarray | Image.Image) -> torch.Tensor:
 
 @dataclass
 class DataConfig:
-    """Where the data is and how it is prepared; `add_data_args` exposes the first ten fields as flags."""
+    """Where the data is and how it is prepared; `add_data_args` exposes the first eleven fields as flags."""
 
     train_data_dir: str | None = None
     dataset_name: str | None = None
@@ -191,6 +191,7 @@ class DataConfig:
     validation_fraction: float = 0.05
     resolution: int = 64
     max_train_samples: int | None = None
+    exclude: tuple[str, ...] = ()  # "COLUMN=VALUE": rows whose metadata column has that value are left out
     dataloader_num_workers: int = 0
     cache_images: bool = False
     max_image_pixels: int | None = Image.MAX_IMAGE_PIXELS
@@ -210,6 +211,10 @@ class DataConfig:
         for message, ok in checks.items():
             if not ok:
                 raise ValueError(f"DataConfig: {message}")
+        self.exclude = tuple(self.exclude or ())
+        for spec in self.exclude:
+            if "=" not in spec or not spec.split("=", 1)[0]:
+                raise ValueError(f"--exclude {spec!r}: expected COLUMN=VALUE, e.g. style=fluent")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> DataConfig:
@@ -245,6 +250,12 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
         "--resolution", type=int, default=DataConfig.resolution, help="images are resized and cropped to this"
     )
     group.add_argument("--max_train_samples", type=int, help="use a random subset of this many training rows")
+    group.add_argument(
+        "--exclude",
+        action="append",
+        metavar="COLUMN=VALUE",
+        help="leave out rows whose metadata column has this value (repeatable), e.g. --exclude style=fluent",
+    )
     group.add_argument(
         "--dataloader_num_workers",
         type=int,
@@ -478,6 +489,17 @@ def _read_datasets(config: DataConfig) -> tuple[_Rows, _Rows | None]:
 # ---------------------------------------------------------------- checks, split and scan
 
 
+def _exclude(rows: _Rows, specs: Sequence[str]) -> _Rows:
+    """The rows whose metadata matches none of the `COLUMN=VALUE` specs."""
+    drop = [False] * len(rows)
+    for spec in specs:
+        name, value = spec.split("=", 1)
+        if name not in rows.columns:
+            raise ValueError(f"--exclude {spec}: the data has no column {name!r}; columns: {sorted(rows.columns)}")
+        drop = [d or (v is not None and str(v) == value) for d, v in zip(drop, rows.columns[name], strict=True)]
+    return rows.take([i for i, d in enumerate(drop) if not d])
+
+
 def _check_captions(rows: _Rows, report: SkipReport) -> _Rows:
     """Rows whose caption is a non-blank string (stripped); the others are counted and dropped."""
     keep, captions = [], []
@@ -624,6 +646,11 @@ def load_image_text(config: DataConfig, *, seed: int = 0, progress: bool = True)
     report = SkipReport()
     train, validation = _read_folder(config, report) if config.train_data_dir else _read_datasets(config)
     rng = np.random.default_rng(seed)
+    total = len(train) + (len(validation) if validation is not None else 0)
+    if config.exclude:
+        train = _exclude(train, config.exclude)
+        validation = None if validation is None else _exclude(validation, config.exclude)
+    excluded = total - len(train) - (len(validation) if validation is not None else 0)
     train = _check_captions(train, report)
     held_out = _validation_size(len(train), config.validation_fraction) if validation is None else 0
     if config.max_train_samples is not None and len(train) > config.max_train_samples + held_out:
@@ -645,5 +672,7 @@ def load_image_text(config: DataConfig, *, seed: int = 0, progress: bool = True)
         source = config.train_data_dir or config.dataset_name
         raise ValueError(f"no usable rows in {source}: {report}. Expected {expected}.")
     if progress:
-        print(f"vqclip data: {len(train)} train + {len(validation)} validation rows; {report}", file=sys.stderr)
+        left_out = f"; left out {excluded} rows by --exclude" if config.exclude else ""
+        counts = f"{len(train)} train + {len(validation)} validation rows{left_out}"
+        print(f"vqclip data: {counts}; {report}", file=sys.stderr)
     return ImageTextSplits(ImageTextDataset(train, config), ImageTextDataset(validation, config), report)

@@ -150,6 +150,19 @@ def save_state_dict(state: dict[str, torch.Tensor], path: Path, save_id: str | N
     save_file({k: v.detach().cpu().clone().contiguous() for k, v in state.items()}, path, metadata=metadata)
 
 
+def cast_floats(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Floating-point tensors cast to `dtype`, except those whose values would overflow it."""
+    if dtype is None:
+        return state
+    if not dtype.is_floating_point:
+        raise ValueError(f"weights can only be stored in a floating-point type, not {dtype}")
+    limit = torch.finfo(dtype).max
+    return {
+        k: v.to(dtype) if v.is_floating_point() and (v.numel() == 0 or v.abs().max() <= limit) else v
+        for k, v in state.items()
+    }
+
+
 class PretrainedModel(torch.nn.Module):
     """Mixin for models with a `Config`: `save_pretrained(dir)` and `from_pretrained(dir)`."""
 
@@ -159,16 +172,18 @@ class PretrainedModel(torch.nn.Module):
         super().__init__()
         self.config = config
 
-    def write_files(self, directory: Path) -> None:
+    def write_files(self, directory: Path, dtype: torch.dtype | None = None) -> None:
         """Write `config.json` and `model.safetensors` into an existing directory (not atomic)."""
         save_id = uuid.uuid4().hex
         config = {"model_class": type(self).__name__, "save_id": save_id, **self.config.to_dict()}
-        save_state_dict(self.state_dict(), directory / WEIGHTS_NAME, save_id)
+        save_state_dict(cast_floats(self.state_dict(), dtype), directory / WEIGHTS_NAME, save_id)
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Save atomically into `directory`, leaving any other files there alone."""
-        return atomic_write_files(directory, self.write_files)
+    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+        """Save atomically into `directory`, leaving any other files there alone. With `dtype` (e.g.
+        torch.float16, half the size on disk), floating-point weights are stored in that type where they fit
+        in it; loading always gives a model in float32."""
+        return atomic_write_files(directory, lambda folder: self.write_files(folder, dtype))
 
     @classmethod
     def from_pretrained(cls: type[M], directory: str | os.PathLike, device: str | torch.device = "cpu") -> M:

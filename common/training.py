@@ -53,12 +53,25 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> None:
     g.add_argument("--lr_scheduler", choices=("constant", "cosine", "linear"), default="cosine")
     g.add_argument("--lr_warmup_steps", type=int, default=100)
     g.add_argument("--max_train_steps", type=int, default=1000)
+    g.add_argument(
+        "--lr_schedule_steps",
+        type=int,
+        default=None,
+        help="length of the learning-rate schedule (default --max_train_steps); longer stops training part-way "
+        "along it, and a later run with a larger --max_train_steps resumes on the same schedule",
+    )
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.99)
     g.add_argument("--adam_weight_decay", type=float, default=0.0)
     g.add_argument("--adam_epsilon", type=float, default=1e-8)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no")
+    g.add_argument(
+        "--save_dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default="float32",
+        help="type the final model's weights are stored in (float16: half the size); checkpoints stay float32",
+    )
     g.add_argument("--checkpointing_steps", type=int, default=500)
     g.add_argument("--checkpoints_total_limit", type=int, default=3)
     g.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint folder, or "latest"')
@@ -75,6 +88,11 @@ def check_training_args(args: argparse.Namespace) -> None:
     for name in positive:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.lr_schedule_steps is not None and args.lr_schedule_steps < args.max_train_steps:
+        raise ValueError(
+            f"--lr_schedule_steps ({args.lr_schedule_steps}) must be at least "
+            f"--max_train_steps ({args.max_train_steps})"
+        )
     if not args.learning_rate > 0 or not math.isfinite(args.learning_rate):
         raise ValueError(f"--learning_rate must be a positive number, got {args.learning_rate}")
     if args.lr_warmup_steps < 0:
@@ -271,6 +289,7 @@ class Trainer:
             if args.report_to != "none":
                 self.accelerator.init_trackers(project, config={k: str(v) for k, v in vars(args).items()})
         torch.autograd.set_detect_anomaly(args.detect_anomaly)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # no effect on CPU
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             params,
@@ -280,7 +299,8 @@ class Trainer:
             weight_decay=args.adam_weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(args.lr_scheduler, args.lr_warmup_steps, args.max_train_steps)
+            optimizer,
+            lr_lambda(args.lr_scheduler, args.lr_warmup_steps, args.lr_schedule_steps or args.max_train_steps),
         )
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.dataset = KeyedDataset(dataset, args.seed, transform)
@@ -423,6 +443,17 @@ class Trainer:
             self.run_hooks(final=self.step == args.max_train_steps)
         bar.close()
         acc.end_training()
+
+    def save_model(self, model: PretrainedModel | None = None) -> PretrainedModel:
+        """Save the trained model (or `model`, e.g. the tokenizer inside a GAN wrapper) into the output folder in
+        `--save_dtype`, and return it as saved: reloaded when the save rounded its weights, so that the final
+        evaluation measures the files."""
+        model = model if model is not None else self.unwrapped
+        dtype = None if self.args.save_dtype == "float32" else getattr(torch, self.args.save_dtype)
+        model.save_pretrained(self.output_dir, dtype)
+        if dtype is None:
+            return model
+        return type(model).from_pretrained(self.output_dir, self.accelerator.device)
 
     def run_hooks(self, final: bool = False) -> None:
         due = [fn for every, fn in self.hooks.every if final or self.step % every == 0]

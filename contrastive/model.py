@@ -72,6 +72,9 @@ PRESETS: dict[str, ContrastiveConfig] = {
         resolution=16, patch_size=4, vision_width=32, vision_layers=1, vision_head_width=16,
         context_length=16, text_width=32, text_layers=1, text_heads=2, embed_dim=32,
     ),
+    "mini": ContrastiveConfig(  # the shapes demo: 8M weights, 6.3M of them the token embedding
+        vision_width=128, vision_layers=4, text_width=128, text_layers=4, text_heads=4, embed_dim=128
+    ),
     "small": ContrastiveConfig(
         vision_width=192, vision_layers=3, text_width=192, text_layers=3, text_heads=3, embed_dim=192
     ),

@@ -116,8 +116,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
     trainer.fit()
     if not trainer.accelerator.is_main_process:
         return None
-    final = trainer.unwrapped
-    final.save_pretrained(output_dir)
+    final = trainer.save_model()
     metrics = retrieval_metrics(final.eval(), data.validation, batch_size=args.train_batch_size)
     return write_eval(output_dir, metrics)
 

@@ -98,7 +98,7 @@ class ShapesJudge(PretrainedModel):
         for start in range(0, len(images), batch_size):
             batch = np.stack([to_array(image) for image in images[start : start + batch_size]])
             logits = self(torch.from_numpy(batch))
-            rows.append(torch.stack([logits[name].argmax(dim=1) for name in ATTRIBUTES], dim=1).numpy())
+            rows.append(torch.stack([logits[name].argmax(dim=1) for name in ATTRIBUTES], dim=1).cpu().numpy())
         self.train(was_training)
         return np.concatenate(rows)
 

@@ -69,10 +69,13 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _assemble(args: argparse.Namespace) -> None:
+    import torch
+
     from pipelines.text_to_image import TextToImagePipeline
 
     pipe = TextToImagePipeline.from_stages(args.vqvae, args.contrastive, args.prior)
-    print(f"wrote the pipeline to {pipe.save_pretrained(args.out)}")
+    dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
+    print(f"wrote the pipeline to {pipe.save_pretrained(args.out, dtype)}")
 
 
 def _add_generate_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -81,6 +84,9 @@ def _add_generate_cli(subparsers: argparse._SubParsersAction) -> None:
     assemble.add_argument("--contrastive", required=True, help="the contrastive model folder")
     assemble.add_argument("--prior", required=True, help="the prior folder")
     assemble.add_argument("--out", required=True, help="the pipeline folder to write")
+    assemble.add_argument(
+        "--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="type the weights are stored in"
+    )
     assemble.set_defaults(func=_assemble)
 
     gen = subparsers.add_parser("generate", help="generate images from text prompts")

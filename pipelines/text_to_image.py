@@ -29,6 +29,7 @@ from prior.model import Prior, check_sampling_args
 from vqvae.model import VQVAE
 
 PIPELINE_NAME = "pipeline.json"
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "shapes-demo"  # the released shapes-world model
 STAGES = {"vqvae": VQVAE, "contrastive": ContrastiveModel, "prior": Prior}
 OUTPUT_TYPES = ("pil", "np", "pt")
 
@@ -132,12 +133,13 @@ class TextToImagePipeline:
             models[name] = model_class.from_pretrained(folder)
         return cls(**models)
 
-    def save_pretrained(self, path: str | os.PathLike) -> Path:
-        """Write each stage into its subfolder, then `pipeline.json` (last, atomically)."""
+    def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+        """Write each stage into its subfolder, then `pipeline.json` (last, atomically). `dtype=torch.float16`
+        stores the weights at half the size (see `PretrainedModel.save_pretrained`)."""
         root = Path(path)
         stages = {}
         for name in STAGES:
-            folder = getattr(self, name).save_pretrained(root / name)
+            folder = getattr(self, name).save_pretrained(root / name, dtype)
             stages[name] = {"folder": name, "save_id": read_json(folder / CONFIG_NAME)["save_id"]}
         atomic_write_text(root / PIPELINE_NAME, json.dumps({"stages": stages}, indent=2) + "\n")
         return root

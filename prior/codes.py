@@ -63,7 +63,7 @@ def data_identity(data: DataConfig, seed: int) -> dict[str, Any]:
     for name in ("train_data_dir", "dataset_name"):
         if identity[name] is not None and Path(identity[name]).exists():
             identity[name] = str(Path(identity[name]).resolve())
-    return {**identity, "seed": seed}
+    return json.loads(json.dumps({**identity, "seed": seed}))  # as read back from codes_info.json (tuples: lists)
 
 
 class CodeDataset(torch.utils.data.Dataset):

@@ -225,8 +225,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
     trainer.fit()
     if not trainer.accelerator.is_main_process:
         return None
-    final = trainer.unwrapped
-    final.save_pretrained(output_dir)
+    final = trainer.save_model()
     samples(final).save(output_dir / "samples.png")
     metrics = {"bits_per_code": bits_per_code(final, validation, text, args.train_batch_size), "rows": len(validation)}
     return write_eval(output_dir, metrics)

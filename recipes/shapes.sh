@@ -1,40 +1,43 @@
 #!/usr/bin/env bash
 # Train the shapes-world text-to-image model from nothing: data -> tokenizer -> contrastive encoder ->
-# codes -> prior -> pipeline -> measurements. Writes the pipeline folder to $OUT (default models/shapes-demo).
+# codes -> prior -> pipeline (float16 weights) -> measurements. Writes the pipeline folder to $OUT.
 #
-#   bash recipes/shapes.sh                   # full size
-#   VQ_STEPS=20 CLIP_STEPS=20 PRIOR_STEPS=20 NUM_IMAGES=2000 OUT=/tmp/demo bash recipes/shapes.sh   # smoke run
+#   PARALLEL=1 WORKERS=4 DEVICE=cuda bash recipes/shapes.sh    # full size, as models/shapes-demo was trained
+#   VQ_STEPS=20 CLIP_STEPS=20 PRIOR_STEPS=20 NUM_IMAGES=2000 OUT=/tmp/demo RUNS=/tmp/runs bash recipes/shapes.sh
 #
-# Every stage checkpoints; rerunning the script resumes each stage from its latest checkpoint.
+# Every stage checkpoints; rerunning the script resumes where it stopped. Knobs: see recipes/stage.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=${BIN:-.venv/bin}
+source recipes/stage.sh
 DATA=${DATA:-data/shapes}
 RUNS=${RUNS:-runs/shapes}
 OUT=${OUT:-models/shapes-demo}
 NUM_IMAGES=${NUM_IMAGES:-50000}
-VQ_STEPS=${VQ_STEPS:-6000}
-CLIP_STEPS=${CLIP_STEPS:-4000}
-PRIOR_STEPS=${PRIOR_STEPS:-20000}
-LAUNCH=("$BIN/accelerate" launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no)
-COMMON=(--train_data_dir "$DATA" --cache_images --resume_from_checkpoint latest --checkpointing_steps 250
-        --checkpoints_total_limit 2 --logging_steps 50 --seed 0)
+VQ_STEPS=${VQ_STEPS:-8000}
+CLIP_STEPS=${CLIP_STEPS:-6000}
+PRIOR_STEPS=${PRIOR_STEPS:-4000}
 
 [ -f "$DATA/shapes_world.json" ] || "$BIN/vqclip" data shapes --out "$DATA" --num-images "$NUM_IMAGES" --seed 0
 
-"${LAUNCH[@]}" -m vqvae.train "${COMMON[@]}" --output_dir "$RUNS/vqvae" --preset shapes-f8 \
-    --max_train_steps "$VQ_STEPS" --train_batch_size 64 --learning_rate 5e-4 --lr_warmup_steps 200 \
-    --validation_steps 500
+tokenizer() {
+    train vqvae.train "$RUNS/vqvae" --train_data_dir "$DATA" --preset f4 --max_train_steps "$VQ_STEPS" \
+        --train_batch_size 128 --learning_rate 5e-4 --lr_warmup_steps 500 --validation_steps 1000
+}
+contrastive() {
+    train contrastive.train "$RUNS/contrastive" --train_data_dir "$DATA" --preset mini \
+        --max_train_steps "$CLIP_STEPS" --train_batch_size 256 --learning_rate 5e-4 --lr_warmup_steps 500 \
+        --adam_weight_decay 0.1 --validation_steps 1000
+}
+both tokenizer contrastive
 
-"${LAUNCH[@]}" -m contrastive.train "${COMMON[@]}" --output_dir "$RUNS/contrastive" --preset small \
-    --max_train_steps "$CLIP_STEPS" --train_batch_size 128 --learning_rate 5e-4 --lr_warmup_steps 200 \
-    --validation_steps 500
+# The released prior stopped at step 4000 of a 10000-step schedule; PRIOR_STEPS=10000 completes the schedule.
+train prior.train "$RUNS/prior" --train_data_dir "$DATA" --preset small --vqvae "$RUNS/vqvae" \
+    --contrastive "$RUNS/contrastive" --max_train_steps "$PRIOR_STEPS" --lr_schedule_steps 10000 \
+    --train_batch_size 128 --learning_rate 5e-4 --lr_warmup_steps 500 --adam_weight_decay 0.05 \
+    --validation_steps 2500
 
-"${LAUNCH[@]}" -m prior.train "${COMMON[@]}" --output_dir "$RUNS/prior" --preset small \
-    --vqvae "$RUNS/vqvae" --contrastive "$RUNS/contrastive" \
-    --max_train_steps "$PRIOR_STEPS" --train_batch_size 64 --learning_rate 5e-4 --lr_warmup_steps 500 \
-    --validation_steps 1000
-
-"$BIN/vqclip" assemble --vqvae "$RUNS/vqvae" --contrastive "$RUNS/contrastive" --prior "$RUNS/prior" --out "$OUT"
+"$BIN/vqclip" assemble --vqvae "$RUNS/vqvae" --contrastive "$RUNS/contrastive" --prior "$RUNS/prior" --out "$OUT" \
+    --dtype float16
 "$BIN/python" benchmarks/vqvae_quality.py --model "$OUT/vqvae" --data "$DATA"
 "$BIN/python" benchmarks/contrastive_quality.py --model "$OUT/contrastive" --shapes-data "$DATA"
+"$BIN/python" benchmarks/generation_quality.py --model "$OUT" --device "$DEVICE"

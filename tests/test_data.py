@@ -198,6 +198,28 @@ def test_max_train_samples_is_a_seeded_subset(tmp_path):
     assert not set(names(first.train)) & set(names(first.validation))
 
 
+@pytest.mark.parametrize("layout", ["flat", "splits"])
+def test_exclude_leaves_out_rows_by_column_value(tmp_path, layout):
+    if layout == "flat":
+        write_imagefolder(tmp_path, 12)
+    else:
+        write_imagefolder(tmp_path / "train", 12)
+        write_imagefolder(tmp_path / "validation", 12)
+    everything = load_image_text(DataConfig(train_data_dir=str(tmp_path)), progress=False)
+    colors = set(everything.train.column("color"))
+    left_out = sorted(colors)[:2]
+    config = DataConfig(train_data_dir=str(tmp_path), exclude=tuple(f"color={c}" for c in left_out))
+    splits = load_image_text(config, progress=False)
+    for split in (splits.train, splits.validation):
+        assert len(split) and not set(split.column("color")) & set(left_out)
+    kept = sum(c not in left_out for c in everything.train.column("color") + everything.validation.column("color"))
+    assert len(splits.train) + len(splits.validation) == kept
+    with pytest.raises(ValueError, match="no column 'style'"):
+        load_image_text(DataConfig(train_data_dir=str(tmp_path), exclude=("style=x",)), progress=False)
+    with pytest.raises(ValueError, match="COLUMN=VALUE"):
+        DataConfig(exclude=("style",))
+
+
 # ---------------------------------------------------------------- single images
 
 
@@ -352,6 +374,7 @@ def test_flags_map_onto_the_config():
     assert DataConfig.from_args(parser.parse_args([])) == DataConfig()
     flags = "--dataset_name d --dataset_config_name c --image_column img --caption_column cap --resolution 32"
     flags += " --validation_fraction 0.2 --max_train_samples 7 --dataloader_num_workers 2 --cache_images"
+    flags += " --exclude style=a --exclude color=b"
     config = DataConfig.from_args(parser.parse_args(flags.split()))
     assert config == DataConfig(
         dataset_name="d",
@@ -363,6 +386,7 @@ def test_flags_map_onto_the_config():
         max_train_samples=7,
         dataloader_num_workers=2,
         cache_images=True,
+        exclude=("style=a", "color=b"),
     )
 
 

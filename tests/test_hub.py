@@ -48,6 +48,27 @@ def test_round_trip_gives_identical_outputs(tmp_path):
     assert len(modes) == 1  # both files get the umask's usual mode
 
 
+def test_half_precision_save_is_half_the_size_and_loads_in_float32(tmp_path):
+    torch.manual_seed(0)
+    model = Tiny(TinyConfig(width=64, depth=2))
+    with torch.no_grad():
+        model.layers[0].bias[0] = 1e6  # too large for float16: that tensor stays float32
+    model.save_pretrained(tmp_path / "full")
+    model.save_pretrained(tmp_path / "half", dtype=torch.float16)
+    from safetensors.torch import load_file
+
+    stored = load_file(tmp_path / "half" / WEIGHTS_NAME)
+    assert stored["layers.0.weight"].dtype == torch.float16 and stored["layers.0.bias"].dtype == torch.float32
+    full_size, half_size = ((tmp_path / n / WEIGHTS_NAME).stat().st_size for n in ("full", "half"))
+    assert half_size < 0.6 * full_size
+    loaded = Tiny.from_pretrained(tmp_path / "half")
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    assert torch.equal(loaded.layers[0].bias, model.layers[0].bias)
+    assert torch.equal(loaded.layers[1].weight, model.layers[1].weight.half().float())
+    with pytest.raises(ValueError, match="floating-point"):
+        model.save_pretrained(tmp_path / "int", dtype=torch.int8)
+
+
 def _edit_config(directory, **changes):
     path = directory / CONFIG_NAME
     data = json.loads(path.read_text())

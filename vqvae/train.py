@@ -114,8 +114,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
     trainer.fit()
     if not trainer.accelerator.is_main_process:
         return None
-    final = tokenizer_of(trainer.unwrapped)
-    final.save_pretrained(output_dir)
+    final = trainer.save_model(tokenizer_of(trainer.unwrapped))
     reconstruction_grid(final, grid_pixels).save(output_dir / "reconstruction.png")
     metrics = evaluate(final, data.validation, batch_size=args.train_batch_size)
     return write_eval(output_dir, metrics)

@@ -113,13 +113,18 @@ def test_imagefolder_with_splits_uses_its_own_validation(tmp_path, validation_na
     check_items(splits.validation, 64)
 
 
+def write_layout(write, root, layout: str, train: int, validation: int) -> None:
+    """`train` rows flat in `root`, or `train` and `validation` rows in train/ and validation/."""
+    if layout == "flat":
+        write(root, train)
+    else:
+        write(root / "train", train)
+        write(root / "validation", validation)
+
+
 @pytest.mark.parametrize("layout", ["flat", "splits"])
 def test_txt_captions(tmp_path, layout):
-    if layout == "flat":
-        write_txt_folder(tmp_path, 8)
-    else:
-        write_txt_folder(tmp_path / "train", 8)
-        write_txt_folder(tmp_path / "validation", 2)
+    write_layout(write_txt_folder, tmp_path, layout, 8, 2)
     splits = load_image_text(DataConfig(train_data_dir=str(tmp_path), resolution=8), progress=False)
     assert (len(splits.train), len(splits.validation)) == ((7, 1) if layout == "flat" else (8, 2))
     check_items(splits.train, 8)
@@ -200,11 +205,7 @@ def test_max_train_samples_is_a_seeded_subset(tmp_path):
 
 @pytest.mark.parametrize("layout", ["flat", "splits"])
 def test_exclude_leaves_out_rows_by_column_value(tmp_path, layout):
-    if layout == "flat":
-        write_imagefolder(tmp_path, 12)
-    else:
-        write_imagefolder(tmp_path / "train", 12)
-        write_imagefolder(tmp_path / "validation", 12)
+    write_layout(write_imagefolder, tmp_path, layout, 12, 12)
     everything = load_image_text(DataConfig(train_data_dir=str(tmp_path)), progress=False)
     colors = set(everything.train.column("color"))
     left_out = sorted(colors)[:2]

@@ -153,6 +153,11 @@ def caption(scene: Scene, rng: random.Random) -> str:
     return template.format(**words)
 
 
+def triple_prompt(color: str, shape: str, background: str) -> str:
+    """The plain prompt naming a color, a shape and a background: "a blue ball on grass"."""
+    return f"a {color} {SHAPE_WORDS[shape][0]} {BACKGROUND_PHRASES[background][0]}"
+
+
 def _find(text: str, table: dict[str, tuple[str, ...]]) -> tuple[str | None, str]:
     """First value whose keyword is a whole word of `text`; returns it and the text without that word."""
     for value, keywords in table.items():

@@ -8,6 +8,7 @@ with status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -71,9 +72,13 @@ def _generate(args: argparse.Namespace) -> None:
 def _assemble(args: argparse.Namespace) -> None:
     import torch
 
-    from pipelines.text_to_image import TextToImagePipeline
+    from pipelines.text_to_image import TextToImagePipeline, check_sampling
 
     pipe = TextToImagePipeline.from_stages(args.vqvae, args.contrastive, args.prior)
+    try:
+        pipe.sampling = check_sampling(json.loads(args.sampling), pipe.prior.config.codebook_size)
+    except ValueError as err:  # a JSONDecodeError too
+        raise ValueError(f"--sampling: {err}") from err
     dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
     print(f"wrote the pipeline to {pipe.save_pretrained(args.out, dtype)}")
 
@@ -87,17 +92,24 @@ def _add_generate_cli(subparsers: argparse._SubParsersAction) -> None:
     assemble.add_argument(
         "--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="type the weights are stored in"
     )
+    assemble.add_argument(
+        "--sampling",
+        default="{}",
+        help='the model\'s default sampling settings as JSON, e.g. \'{"temperature": 0.9, "top_k": 100}\' '
+        "(keys: guidance_scale, temperature, top_k, top_p, num_candidates)",
+    )
     assemble.set_defaults(func=_assemble)
 
     gen = subparsers.add_parser("generate", help="generate images from text prompts")
     gen.add_argument("prompts", nargs="+", help='one or more prompts, e.g. "a blue ball on grass"')
     gen.add_argument("--model", required=True, help="a pipeline folder (pipeline.json + vqvae/ contrastive/ prior/)")
     gen.add_argument("-n", "--num-images", type=int, default=4, help="images per prompt")
-    gen.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance; 1 turns it off")
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--top-p", type=float, default=None)
-    gen.add_argument("--num-candidates", type=int, default=1, help="sample this many per image, keep the best")
+    gen.add_argument("--guidance-scale", type=float, help="classifier-free guidance; 1 turns it off")
+    gen.add_argument("--temperature", type=float)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--num-candidates", type=int, help="sample this many per image, keep the best")
+    gen.epilog = 'Sampling flags left out take the model\'s defaults (the "sampling" entry of its pipeline.json).'
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--out", default="generated.png", help="PNG grid: one row per prompt")

@@ -5,7 +5,8 @@
 
 A pipeline folder holds `pipeline.json` and one subfolder per stage (`vqvae/`, `contrastive/`, `prior/`);
 `pipeline.json` names the subfolders and records each stage's `save_id`, so a folder whose stages come from
-different saves is refused. Subfolder names must be plain names inside the pipeline folder.
+different saves is refused. Subfolder names must be plain names inside the pipeline folder. It also holds
+the model's default sampling settings (`"sampling"`), which calls that leave an argument out use.
 """
 
 from __future__ import annotations
@@ -32,6 +33,27 @@ PIPELINE_NAME = "pipeline.json"
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "shapes-demo"  # the released shapes-world model
 STAGES = {"vqvae": VQVAE, "contrastive": ContrastiveModel, "prior": Prior}
 OUTPUT_TYPES = ("pil", "np", "pt")
+SAMPLING_DEFAULTS = {"guidance_scale": 3.0, "temperature": 1.0, "top_k": None, "top_p": None, "num_candidates": 1}
+
+
+def check_count(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 4096:
+        raise ValueError(f"{name} must be an integer from 1 to 4096, got {value!r}")
+
+
+def check_sampling(sampling: object, codebook_size: int) -> dict:
+    """Default sampling settings, completed from SAMPLING_DEFAULTS; raises ValueError naming a bad one."""
+    if not isinstance(sampling, dict):
+        raise ValueError(f"sampling settings must be a JSON object, got {sampling!r}")
+    unknown = sorted(set(sampling) - set(SAMPLING_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown sampling setting(s) {unknown}; known: {sorted(SAMPLING_DEFAULTS)}")
+    merged = {**SAMPLING_DEFAULTS, **sampling}
+    check_sampling_args(
+        codebook_size, merged["temperature"], merged["top_k"], merged["top_p"], merged["guidance_scale"]
+    )
+    check_count("num_candidates", merged["num_candidates"])
+    return merged
 
 
 @dataclass
@@ -93,9 +115,12 @@ def _stage_dir(root: Path, name: str) -> Path:
 
 
 class TextToImagePipeline:
-    def __init__(self, vqvae: VQVAE, contrastive: ContrastiveModel, prior: Prior) -> None:
+    def __init__(self, vqvae: VQVAE, contrastive: ContrastiveModel, prior: Prior, sampling: dict | None = None) -> None:
+        """`sampling`: default sampling settings (any of SAMPLING_DEFAULTS' keys); `pipe.sampling` holds them
+        all and can be changed, e.g. `pipe.sampling["top_k"] = None`."""
         check_compatible(vqvae, contrastive, prior)
         self.vqvae, self.contrastive, self.prior = vqvae.eval(), contrastive.eval(), prior.eval()
+        self.sampling = check_sampling({} if sampling is None else sampling, prior.config.codebook_size)
 
     # ------------------------------------------------------------ loading and saving
 
@@ -131,7 +156,10 @@ class TextToImagePipeline:
             if entry.get("save_id") != saved:
                 raise ModelLoadError(f"{folder}: saved separately from this pipeline (save_id differs); save it again")
             models[name] = model_class.from_pretrained(folder)
-        return cls(**models)
+        try:
+            return cls(**models, sampling=spec.get("sampling"))
+        except ValueError as err:
+            raise ModelLoadError(f"{root / PIPELINE_NAME}: {err}") from err
 
     def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
         """Write each stage into its subfolder, then `pipeline.json` (last, atomically). `dtype=torch.float16`
@@ -141,7 +169,8 @@ class TextToImagePipeline:
         for name in STAGES:
             folder = getattr(self, name).save_pretrained(root / name, dtype)
             stages[name] = {"folder": name, "save_id": read_json(folder / CONFIG_NAME)["save_id"]}
-        atomic_write_text(root / PIPELINE_NAME, json.dumps({"stages": stages}, indent=2) + "\n")
+        spec = {"stages": stages, "sampling": self.sampling}
+        atomic_write_text(root / PIPELINE_NAME, json.dumps(spec, indent=2) + "\n")
         return root
 
     def to(self, device: str | torch.device) -> TextToImagePipeline:
@@ -161,22 +190,26 @@ class TextToImagePipeline:
         prompt: str | list[str],
         *,
         num_images_per_prompt: int = 1,
-        guidance_scale: float = 3.0,
-        temperature: float = 1.0,
+        guidance_scale: float | None = None,
+        temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
-        num_candidates: int = 1,
+        num_candidates: int | None = None,
         generator: torch.Generator | None = None,
         output_type: str = "pil",
         show_progress: bool = True,
         batch_size: int = 32,
     ) -> TextToImageOutput:
         """Generate `num_images_per_prompt` images per prompt. With `num_candidates` > 1, each image is the best
-        of that many samples by contrastive similarity to its prompt (reranking)."""
+        of that many samples by contrastive similarity to its prompt (reranking). Sampling arguments left out
+        (None) take the pipeline's defaults, `self.sampling`."""
         prompts = clean_prompts(prompt)
+        given = dict(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+        given["num_candidates"] = num_candidates
+        settings = {**self.sampling, **{name: value for name, value in given.items() if value is not None}}
+        guidance_scale, temperature, top_k, top_p, num_candidates = (settings[name] for name in SAMPLING_DEFAULTS)
         for name, value in (("num_images_per_prompt", num_images_per_prompt), ("num_candidates", num_candidates)):
-            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 4096:
-                raise ValueError(f"{name} must be an integer from 1 to 4096, got {value!r}")
+            check_count(name, value)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         check_sampling_args(self.prior.config.codebook_size, temperature, top_k, top_p, guidance_scale)

@@ -36,8 +36,10 @@ train prior.train "$RUNS/prior" --train_data_dir "$DATA" --preset small --vqvae 
     --train_batch_size 128 --learning_rate 5e-4 --lr_warmup_steps 500 --adam_weight_decay 0.05 \
     --validation_steps 2500
 
+# Default sampling settings, chosen by benchmarks/sampling_sweep.py on prompts the benchmarks never use.
 "$BIN/vqclip" assemble --vqvae "$RUNS/vqvae" --contrastive "$RUNS/contrastive" --prior "$RUNS/prior" --out "$OUT" \
-    --dtype float16
+    --dtype float16 --sampling '{"temperature": 0.9, "top_k": 100}'
+"$BIN/python" benchmarks/sampling_sweep.py --model "$OUT" --device "$DEVICE"
 "$BIN/python" benchmarks/vqvae_quality.py --model "$OUT/vqvae" --data "$DATA"
 "$BIN/python" benchmarks/contrastive_quality.py --model "$OUT/contrastive" --shapes-data "$DATA"
 "$BIN/python" benchmarks/generation_quality.py --model "$OUT" --device "$DEVICE"

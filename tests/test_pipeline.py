@@ -7,7 +7,7 @@ import torch
 from common.hub import ModelLoadError
 from contrastive.model import PRESETS as CLIP_PRESETS
 from contrastive.model import ContrastiveModel
-from pipelines.text_to_image import PIPELINE_NAME, TextToImagePipeline
+from pipelines.text_to_image import PIPELINE_NAME, SAMPLING_DEFAULTS, TextToImagePipeline
 from prior.model import Prior, PriorConfig
 from vqvae.model import PRESETS as VQ_PRESETS
 from vqvae.model import VQVAE
@@ -55,6 +55,29 @@ def test_save_load_gives_identical_images(pipe, tmp_path):
         tmp_path / "pipe/vqvae", tmp_path / "pipe/contrastive", tmp_path / "pipe/prior"
     )
     assert torch.equal(separate("a small white heart", generator=_gen(1), show_progress=False).codes, a.codes)
+
+
+def test_default_sampling_settings_are_saved_used_and_overridable(pipe, tmp_path):
+    stages = (pipe.vqvae, pipe.contrastive, pipe.prior)
+    tuned = TextToImagePipeline(*stages, sampling={"temperature": 0.5, "top_k": 3, "num_candidates": 2})
+    assert tuned.sampling == {**SAMPLING_DEFAULTS, "temperature": 0.5, "top_k": 3, "num_candidates": 2}
+    tuned.save_pretrained(tmp_path / "tuned")
+    loaded = TextToImagePipeline.from_pretrained(tmp_path / "tuned")
+    assert loaded.sampling == tuned.sampling
+
+    def codes(p, **settings):
+        return p("a red star", generator=_gen(2), show_progress=False, **settings).codes
+
+    explicit = codes(pipe, temperature=0.5, top_k=3, num_candidates=2)
+    assert torch.equal(codes(loaded), explicit)
+    assert not torch.equal(codes(loaded, temperature=1.0, top_k=16, num_candidates=1), explicit)
+    assert torch.equal(codes(loaded, temperature=1.0, top_k=16, num_candidates=1), codes(pipe, top_k=16))
+    spec = json.loads((tmp_path / "tuned" / PIPELINE_NAME).read_text())
+    for bad, message in (({"top_k": 0}, "top_k"), ({"temprature": 1.0}, "temprature"), ([], "JSON object")):
+        spec["sampling"] = bad
+        (tmp_path / "tuned" / PIPELINE_NAME).write_text(json.dumps(spec))
+        with pytest.raises(ModelLoadError, match=message):
+            TextToImagePipeline.from_pretrained(tmp_path / "tuned")
 
 
 def test_mismatched_stages_are_named():
@@ -125,7 +148,12 @@ def test_generate_command_writes_a_grid(pipe, tmp_path, capsys):
     for stage in ("vqvae", "contrastive", "prior"):
         getattr(pipe, stage).save_pretrained(tmp_path / "stages" / stage)
     stages = [f"--{stage}={tmp_path / 'stages' / stage}" for stage in ("vqvae", "contrastive", "prior")]
-    assert main(["assemble", *stages, "--out", str(tmp_path / "pipe")]) == 0
+    sampling = '{"temperature": 0.8, "top_k": 5}'
+    assert main(["assemble", *stages, "--out", str(tmp_path / "pipe"), "--sampling", sampling]) == 0
+    assert TextToImagePipeline.from_pretrained(tmp_path / "pipe").sampling["top_k"] == 5
+    for bad in ('{"top_k": -1}', "{top_k: 5}"):
+        assert main(["assemble", *stages, "--out", str(tmp_path / "bad"), "--sampling", bad]) == 2
+        assert "--sampling" in capsys.readouterr().err
     out = tmp_path / "grid.png"
     assert main(["generate", "a blue ball on grass", "a red star", "--model", str(tmp_path / "pipe"),
                  "-n", "3", "--seed", "0", "--out", str(out)]) == 0  # fmt: skip

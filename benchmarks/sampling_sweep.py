@@ -1,0 +1,62 @@
+"""Choose a model's default sampling settings on shapes-world prompts that generation_quality.py never uses.
+
+    python benchmarks/sampling_sweep.py          # the released models/shapes-demo
+
+For each setting in the grid, the judge's match rate on 40 seen compositions outside generation_quality.py's
+100 (and never "a blue ball on grass"), 3 pictures each, best of 4. Ends with one JSON line mapping each
+setting ("guidance_scale/temperature/top_k") to its match rate. Write the winner into a pipeline with
+`vqclip assemble ... --sampling '{...}'`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+from corpora.shapes import SEEN, triple_prompt
+from corpora.shapes_judge import load_judge
+from pipelines.text_to_image import DEMO_MODEL, TextToImagePipeline
+
+sys.path.insert(0, str(Path(__file__).parent))
+from generation_quality import match_rate, seen_compositions  # noqa: E402
+
+GRID = [  # (guidance_scale, temperature, top_k)
+    (3.0, 1.0, None),
+    (2.0, 1.0, None),
+    (5.0, 1.0, None),
+    (3.0, 0.85, None),
+    (3.0, 0.7, None),
+    (3.0, 1.0, 100),
+    (3.0, 1.0, 30),
+    (3.0, 0.9, 100),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(DEMO_MODEL), help="a pipeline folder (default: the released demo)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    pipe = TextToImagePipeline.from_pretrained(args.model).to(args.device)
+    judge = load_judge(device=args.device)
+    excluded = set(seen_compositions(100)) | {("blue", "ball", "grass")}
+    chosen = random.Random(1).sample([t for t in sorted(SEEN) if t not in excluded], 40)
+    prompts = [triple_prompt(*t) for t in chosen]
+    start = time.perf_counter()
+    result = {}
+    for guidance, temperature, top_k in GRID:
+        settings = {"guidance_scale": guidance, "temperature": temperature, "top_k": top_k, "num_candidates": 4}
+        pipe.sampling.update(settings)  # top_k None must mean "off" here, not "the model's default"
+        key = f"{guidance}/{temperature}/{top_k}"
+        result[key] = match_rate(pipe, judge, prompts, 3, args.device, 5)
+        print(f"guidance_scale/temperature/top_k {key}: {result[key]:.3f}", flush=True)
+    print(json.dumps({"match_rate": result, "prompts": len(prompts), "seconds": round(time.perf_counter() - start, 1)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -150,6 +150,16 @@ def save_state_dict(state: dict[str, torch.Tensor], path: Path, save_id: str | N
     save_file({k: v.detach().cpu().clone().contiguous() for k, v in state.items()}, path, metadata=metadata)
 
 
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")  # what `--save_dtype` / `--dtype` flags offer
+
+
+def storage_dtype(name: str) -> torch.dtype | None:
+    """The dtype to pass to `save_pretrained` for a flag value: None (as trained) for "float32"."""
+    if name not in STORAGE_DTYPES:
+        raise ValueError(f"weights can be stored as {', '.join(STORAGE_DTYPES)}, not {name!r}")
+    return None if name == "float32" else getattr(torch, name)
+
+
 def cast_floats(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """Floating-point tensors cast to `dtype`, except those whose values would overflow it."""
     if dtype is None:

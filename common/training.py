@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from common.data import add_data_args
-from common.hub import PretrainedModel, atomic_write_text, save_state_dict
+from common.hub import STORAGE_DTYPES, PretrainedModel, atomic_write_text, save_state_dict, storage_dtype
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -68,7 +68,7 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> None:
     g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no")
     g.add_argument(
         "--save_dtype",
-        choices=("float32", "float16", "bfloat16"),
+        choices=STORAGE_DTYPES,
         default="float32",
         help="type the final model's weights are stored in (float16: half the size); checkpoints stay float32",
     )
@@ -449,7 +449,7 @@ class Trainer:
         `--save_dtype`, and return it as saved: reloaded when the save rounded its weights, so that the final
         evaluation measures the files."""
         model = model if model is not None else self.unwrapped
-        dtype = None if self.args.save_dtype == "float32" else getattr(torch, self.args.save_dtype)
+        dtype = storage_dtype(self.args.save_dtype)
         model.save_pretrained(self.output_dir, dtype)
         if dtype is None:
             return model

@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from common.hub import ModelLoadError
+from common.hub import STORAGE_DTYPES, ModelLoadError, storage_dtype
 
 
 def _data_shapes(args: argparse.Namespace) -> None:
@@ -70,8 +70,6 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _assemble(args: argparse.Namespace) -> None:
-    import torch
-
     from pipelines.text_to_image import TextToImagePipeline, check_sampling
 
     pipe = TextToImagePipeline.from_stages(args.vqvae, args.contrastive, args.prior)
@@ -79,8 +77,7 @@ def _assemble(args: argparse.Namespace) -> None:
         pipe.sampling = check_sampling(json.loads(args.sampling), pipe.prior.config.codebook_size)
     except ValueError as err:  # a JSONDecodeError too
         raise ValueError(f"--sampling: {err}") from err
-    dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
-    print(f"wrote the pipeline to {pipe.save_pretrained(args.out, dtype)}")
+    print(f"wrote the pipeline to {pipe.save_pretrained(args.out, storage_dtype(args.dtype))}")
 
 
 def _add_generate_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -89,9 +86,7 @@ def _add_generate_cli(subparsers: argparse._SubParsersAction) -> None:
     assemble.add_argument("--contrastive", required=True, help="the contrastive model folder")
     assemble.add_argument("--prior", required=True, help="the prior folder")
     assemble.add_argument("--out", required=True, help="the pipeline folder to write")
-    assemble.add_argument(
-        "--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="type the weights are stored in"
-    )
+    assemble.add_argument("--dtype", choices=STORAGE_DTYPES, default="float32", help="type the weights are stored in")
     assemble.add_argument(
         "--sampling",
         default="{}",

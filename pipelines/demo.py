@@ -58,7 +58,9 @@ def search(pipe, judge, num_world_images: int, seed: int, out: Path) -> dict:
 
     world = out / "shapes"
     shapes.build(world, num_world_images, seed=seed, val_fraction=0.5, workers=1, progress=False)
-    splits = load_image_text(DataConfig(train_data_dir=str(world)), progress=False)
+    resolution = pipe.contrastive.config.resolution
+    config = DataConfig(train_data_dir=str(world), resolution=resolution, cache_images=True)  # decoded once
+    splits = load_image_text(config, progress=False)
     wanted = parse_prompt(SEARCH_QUERY)
     relevant = sum(
         all(split.column(name)[i] == value for name, value in wanted.items())

@@ -204,8 +204,13 @@ class TextToImagePipeline:
         of that many samples by contrastive similarity to its prompt (reranking). Sampling arguments left out
         (None) take the pipeline's defaults, `self.sampling`."""
         prompts = clean_prompts(prompt)
-        given = dict(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p)
-        given["num_candidates"] = num_candidates
+        given = {
+            "guidance_scale": guidance_scale,
+            "temperature": temperature,
+            "top_k": top_k,
+            "top_p": top_p,
+            "num_candidates": num_candidates,
+        }
         settings = {**self.sampling, **{name: value for name, value in given.items() if value is not None}}
         guidance_scale, temperature, top_k, top_p, num_candidates = (settings[name] for name in SAMPLING_DEFAULTS)
         for name, value in (("num_images_per_prompt", num_images_per_prompt), ("num_candidates", num_candidates)):

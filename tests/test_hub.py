@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common.config import Config, ConfigError
-from common.hub import CONFIG_NAME, WEIGHTS_NAME, ModelLoadError, PretrainedModel
+from common.hub import CONFIG_NAME, STORAGE_DTYPES, WEIGHTS_NAME, ModelLoadError, PretrainedModel, storage_dtype
 
 
 @dataclass
@@ -67,6 +67,9 @@ def test_half_precision_save_is_half_the_size_and_loads_in_float32(tmp_path):
     assert torch.equal(loaded.layers[1].weight, model.layers[1].weight.half().float())
     with pytest.raises(ValueError, match="floating-point"):
         model.save_pretrained(tmp_path / "int", dtype=torch.int8)
+    assert [storage_dtype(name) for name in STORAGE_DTYPES] == [None, torch.float16, torch.bfloat16]
+    with pytest.raises(ValueError, match="float16"):
+        storage_dtype("int8")
 
 
 def _edit_config(directory, **changes):

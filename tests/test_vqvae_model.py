@@ -51,6 +51,16 @@ def test_quantized_equals_codebook_at_codes():
     assert torch.equal(out.codes.flatten(), torch.cdist(flat, q.codebook).argmin(1))
 
 
+def test_mixed_precision_picks_the_same_codes_as_float32():
+    q = VectorQuantizer(8, 4096, 8, dataclasses.replace(TINY, codebook_size=4096, codebook_dim=8))
+    q.eval()
+    z = torch.randn(4, 8, 16, 16, generator=torch.Generator().manual_seed(0))
+    expected = q(z).codes
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(q(z).codes, expected)
+        assert torch.equal(q.nearest(q._prepare(z).permute(0, 2, 3, 1).reshape(-1, 8)), expected.flatten())
+
+
 def test_beta_weighs_the_commitment_term():
     z = torch.randn(2, 4, 4, 4)
     losses = {}

@@ -96,6 +96,8 @@ PRESETS: dict[str, VQVAEConfig] = {
     ),
     # 64 px -> 16 x 16 codes
     "f4": VQVAEConfig(base_channels=16, channel_mult=(1, 2, 4), num_res_blocks=(0, 1, 2), codebook_size=1024),
+    # 64 px -> 16 x 16 codes, wide enough to keep small shapes' edges (2.1M parameters; train it on a GPU)
+    "f4-wide": VQVAEConfig(base_channels=48, channel_mult=(1, 2, 2), num_res_blocks=(1, 2, 2), codebook_size=1024),
 }
 
 
@@ -209,14 +211,18 @@ class VectorQuantizer(nn.Module):
     def lookup_table(self) -> torch.Tensor:
         return F.normalize(self.codebook, dim=-1) if self.l2_normalize else self.codebook
 
+    # Projection into code space and the nearest-neighbour search run in float32 even under mixed-precision
+    # autocast: in bfloat16 the distances between close codes round together and the wrong code wins.
     def _prepare(self, z: torch.Tensor) -> torch.Tensor:
-        z = self.project_in(z)
-        return F.normalize(z, dim=1) if self.l2_normalize else z
+        with torch.autocast(z.device.type, enabled=False):
+            z = self.project_in(z.float())
+            return F.normalize(z, dim=1) if self.l2_normalize else z
 
     def nearest(self, flat: torch.Tensor) -> torch.Tensor:
         """Index of the nearest codebook entry for each row of `flat` (N, D)."""
-        table = self.lookup_table()
-        distances = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ table.t() + table.pow(2).sum(1)[None]
+        with torch.autocast(flat.device.type, enabled=False):
+            flat, table = flat.float(), self.lookup_table()
+            distances = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ table.t() + table.pow(2).sum(1)[None]
         return distances.argmin(1)
 
     def embed(self, codes: torch.Tensor) -> torch.Tensor:

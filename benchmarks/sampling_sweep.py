@@ -1,6 +1,7 @@
 """Choose a model's default sampling settings on shapes-world prompts that generation_quality.py never uses.
 
     python benchmarks/sampling_sweep.py          # the released models/shapes-demo
+    python benchmarks/sampling_sweep.py --model runs/pipeline --grid 2/0.7/none,1.5/0.85/100
 
 For each setting in the grid, the judge's match rate on 40 seen compositions outside generation_quality.py's
 100 (and never "a blue ball on grass"), 3 pictures each, best of 4. Ends with one JSON line mapping each
@@ -24,7 +25,7 @@ from pipelines.text_to_image import DEMO_MODEL, TextToImagePipeline
 sys.path.insert(0, str(Path(__file__).parent))
 from generation_quality import match_rate, seen_compositions  # noqa: E402
 
-GRID = [  # (guidance_scale, temperature, top_k)
+DEFAULT_GRID = [  # (guidance_scale, temperature, top_k)
     (3.0, 1.0, None),
     (2.0, 1.0, None),
     (5.0, 1.0, None),
@@ -36,10 +37,26 @@ GRID = [  # (guidance_scale, temperature, top_k)
 ]
 
 
+def parse_grid(text: str) -> list[tuple[float, float, int | None]]:
+    """ "2/0.7/none,3/1/100" -> [(2.0, 0.7, None), (3.0, 1.0, 100)]"""
+    grid = []
+    for item in text.split(","):
+        try:
+            guidance, temperature, top_k = item.strip().split("/")
+            grid.append((float(guidance), float(temperature), None if top_k.lower() == "none" else int(top_k)))
+        except ValueError:
+            message = f"expected GUIDANCE/TEMPERATURE/TOP_K (TOP_K may be none), got {item!r}"
+            raise argparse.ArgumentTypeError(message) from None
+    return grid
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(DEMO_MODEL), help="a pipeline folder (default: the released demo)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--grid", type=parse_grid, default=DEFAULT_GRID, help="comma-separated GUIDANCE/TEMPERATURE/TOP_K settings"
+    )
     args = parser.parse_args()
 
     pipe = TextToImagePipeline.from_pretrained(args.model).to(args.device)
@@ -49,7 +66,7 @@ def main() -> None:
     prompts = [triple_prompt(*t) for t in chosen]
     start = time.perf_counter()
     result = {}
-    for guidance, temperature, top_k in GRID:
+    for guidance, temperature, top_k in args.grid:
         settings = {"guidance_scale": guidance, "temperature": temperature, "top_k": top_k, "num_candidates": 4}
         pipe.sampling.update(settings)  # top_k None must mean "off" here, not "the model's default"
         key = f"{guidance}/{temperature}/{top_k}"

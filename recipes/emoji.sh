@@ -2,7 +2,7 @@
 # Train and measure the emoji tokenizer (16 x 16 codes) and an emoji contrastive model that never sees the
 # held-out style ($HELDOUT_STYLE), then measure search over that style's drawings.
 #
-#   PARALLEL=1 WORKERS=4 bash recipes/emoji.sh
+#   PARALLEL=1 WORKERS=4 DEVICE=cuda bash recipes/emoji.sh
 #
 # The corpus is built first if $DATA lacks it (this needs the network once; see README "Corpora").
 set -euo pipefail
@@ -17,8 +17,9 @@ CLIP_STEPS=${CLIP_STEPS:-6000}
 [ -f "$DATA/train/metadata.jsonl" ] || "$BIN/vqclip" data emoji --out "$DATA"
 
 tokenizer() {
-    train vqvae.train "$RUNS/vqvae" --train_data_dir "$DATA" --preset f4 --max_train_steps "$VQ_STEPS" \
-        --train_batch_size 128 --learning_rate 5e-4 --lr_warmup_steps 500 --validation_steps 1000
+    train vqvae.train "$RUNS/vqvae" --train_data_dir "$DATA" --preset f4-wide --model_config '{"base_channels": 64}' \
+        --max_train_steps "$VQ_STEPS" --train_batch_size 128 --learning_rate 5e-4 --lr_warmup_steps 500 \
+        --validation_steps 1000 --mixed_precision "$PRECISION"
 }
 contrastive() {
     train contrastive.train "$RUNS/contrastive" --train_data_dir "$DATA" --exclude "style=$HELDOUT_STYLE" \

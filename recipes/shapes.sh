@@ -15,13 +15,14 @@ OUT=${OUT:-models/shapes-demo}
 NUM_IMAGES=${NUM_IMAGES:-50000}
 VQ_STEPS=${VQ_STEPS:-8000}
 CLIP_STEPS=${CLIP_STEPS:-6000}
-PRIOR_STEPS=${PRIOR_STEPS:-4000}
+PRIOR_STEPS=${PRIOR_STEPS:-8000}
 
 [ -f "$DATA/shapes_world.json" ] || "$BIN/vqclip" data shapes --out "$DATA" --num-images "$NUM_IMAGES" --seed 0
 
 tokenizer() {
-    train vqvae.train "$RUNS/vqvae" --train_data_dir "$DATA" --preset f4 --max_train_steps "$VQ_STEPS" \
-        --train_batch_size 128 --learning_rate 5e-4 --lr_warmup_steps 500 --validation_steps 1000
+    train vqvae.train "$RUNS/vqvae" --train_data_dir "$DATA" --preset f4-wide --max_train_steps "$VQ_STEPS" \
+        --train_batch_size 128 --learning_rate 5e-4 --lr_warmup_steps 500 --validation_steps 1000 \
+        --mixed_precision "$PRECISION"
 }
 contrastive() {
     train contrastive.train "$RUNS/contrastive" --train_data_dir "$DATA" --preset mini \
@@ -30,15 +31,14 @@ contrastive() {
 }
 both tokenizer contrastive
 
-# The released prior stopped at step 4000 of a 10000-step schedule; PRIOR_STEPS=10000 completes the schedule.
 train prior.train "$RUNS/prior" --train_data_dir "$DATA" --preset small --vqvae "$RUNS/vqvae" \
-    --contrastive "$RUNS/contrastive" --max_train_steps "$PRIOR_STEPS" --lr_schedule_steps 10000 \
+    --contrastive "$RUNS/contrastive" --max_train_steps "$PRIOR_STEPS" \
     --train_batch_size 128 --learning_rate 5e-4 --lr_warmup_steps 500 --adam_weight_decay 0.05 \
-    --validation_steps 2500
+    --validation_steps 2000
 
 # Default sampling settings, chosen by benchmarks/sampling_sweep.py on prompts the benchmarks never use.
 "$BIN/vqclip" assemble --vqvae "$RUNS/vqvae" --contrastive "$RUNS/contrastive" --prior "$RUNS/prior" --out "$OUT" \
-    --dtype float16 --sampling '{"temperature": 0.9, "top_k": 100}'
+    --dtype float16 --sampling '{"temperature": 0.7}'
 "$BIN/python" benchmarks/sampling_sweep.py --model "$OUT" --device "$DEVICE"
 "$BIN/python" benchmarks/vqvae_quality.py --model "$OUT/vqvae" --data "$DATA"
 "$BIN/python" benchmarks/contrastive_quality.py --model "$OUT/contrastive" --shapes-data "$DATA"

@@ -3,10 +3,12 @@
 #   WORKERS   DataLoader worker processes per stage (default 0; 4 on a machine with many cores)
 #   PARALLEL  1: train the tokenizer and the contrastive model at the same time (a GPU has room for both)
 #   DEVICE    where the generation benchmark runs (default cpu; cuda on a GPU machine)
+#   PRECISION mixed precision of the tokenizer stages (default bf16 with DEVICE=cuda; no on a CPU, where bf16 is slow)
 BIN=${BIN:-.venv/bin}
 WORKERS=${WORKERS:-0}
 PARALLEL=${PARALLEL:-0}
 DEVICE=${DEVICE:-cpu}
+if [ "$DEVICE" = cpu ]; then PRECISION=${PRECISION:-no}; else PRECISION=${PRECISION:-bf16}; fi
 LAUNCH=("$BIN/accelerate" launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no)
 
 # train MODULE OUTPUT_DIR FLAGS...: one stage, resumed from its latest checkpoint, weights saved in float16.

@@ -4,8 +4,8 @@
     python benchmarks/sampling_sweep.py --model runs/pipeline --grid 2/0.7/none,1.5/0.85/100
 
 For each setting in the grid, the judge's match rate on 40 seen compositions outside generation_quality.py's
-100 (and never "a blue ball on grass"), 3 pictures each, best of 4. Ends with one JSON line mapping each
-setting ("guidance_scale/temperature/top_k") to its match rate. Write the winner into a pipeline with
+100 (and never "a blue ball on grass"), 3 pictures each (`--images-per-prompt`), best of 4. Ends with one JSON
+line mapping each setting ("guidance_scale/temperature/top_k") to its match rate. Write the winner into a pipeline with
 `vqclip assemble ... --sampling '{...}'`.
 """
 
@@ -54,6 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(DEMO_MODEL), help="a pipeline folder (default: the released demo)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--images-per-prompt", type=int, default=3, help="more pictures separate close settings")
     parser.add_argument(
         "--grid", type=parse_grid, default=DEFAULT_GRID, help="comma-separated GUIDANCE/TEMPERATURE/TOP_K settings"
     )
@@ -70,7 +71,7 @@ def main() -> None:
         settings = {"guidance_scale": guidance, "temperature": temperature, "top_k": top_k, "num_candidates": 4}
         pipe.sampling.update(settings)  # top_k None must mean "off" here, not "the model's default"
         key = f"{guidance}/{temperature}/{top_k}"
-        result[key] = match_rate(pipe, judge, prompts, 3, args.device, 5)
+        result[key] = match_rate(pipe, judge, prompts, args.images_per_prompt, args.device, 5)
         print(f"guidance_scale/temperature/top_k {key}: {result[key]:.3f}", flush=True)
     print(json.dumps({"match_rate": result, "prompts": len(prompts), "seconds": round(time.perf_counter() - start, 1)}))
 

@@ -3,14 +3,15 @@ the cost of classifier-free guidance, and seconds per image for several code cou
 
     python benchmarks/decode_speed.py                  # dim 256, 4 layers, 8 heads, 32 text positions, batch 4
 
-Ends with one JSON line with keys `cached_s`, `recompute_s`, `speedup`, `cfg_overhead` and `s_per_image`
-(a map from code count to seconds per image, cached, with guidance).
+Times are medians of `--repeats` calls. Ends with one JSON line with keys `cached_s`, `recompute_s`, `speedup`,
+`cfg_overhead` and `s_per_image` (a map from code count to seconds per image, cached, with guidance).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per comparison; the median is kept")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -51,21 +53,21 @@ def main() -> None:
         torch.manual_seed(0)
         return Prior(config).to(args.device, dtype).eval()
 
-    def run(model: Prior, **kwargs) -> float:
-        """Seconds for one `generate` call, timed after an identical untimed one: the first call at each
-        sequence length pays one-time costs (on a GPU, choosing kernels for every new shape)."""
+    def run(model: Prior, repeats: int = 1, **kwargs) -> float:
+        """Median seconds of `repeats` `generate` calls, timed after an identical untimed one: the first call at
+        each sequence length pays one-time costs (on a GPU, choosing kernels for every new shape)."""
         text = torch.randn(args.batch, args.text_length, args.dim, device=args.device, dtype=dtype)
 
         def sample() -> None:
             model.generate(text, generator=torch.Generator(args.device).manual_seed(0), **kwargs)
 
         sample()
-        return timed(sample, args.device)
+        return statistics.median(timed(sample, args.device) for _ in range(repeats))
 
     model = model_for(16)  # 256 codes
-    cached = run(model, guidance_scale=1.0)
-    recompute = run(model, guidance_scale=1.0, use_cache=False)
-    guided = run(model, guidance_scale=3.0)
+    cached = run(model, args.repeats, guidance_scale=1.0)
+    recompute = run(model, args.repeats, guidance_scale=1.0, use_cache=False)
+    guided = run(model, args.repeats, guidance_scale=3.0)
     per_image = {}
     for grid in (8, 16, 32):
         m = model_for(grid)
@@ -80,6 +82,7 @@ def main() -> None:
         "device": args.device,
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
     }
     print(f"256 codes x {args.batch} images: cached {cached:.2f} s, recomputed {recompute:.2f} s "
           f"({recompute / cached:.1f}x); guidance costs {guided / cached:.2f}x")  # fmt: skip

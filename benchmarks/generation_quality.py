@@ -7,8 +7,9 @@ generated picture.
 Prompts name a color, a shape and a background ("a red star on sand"): "a blue ball on grass" (32 images),
 100 seen compositions (4 images each) and every held-out composition (4 images each). Settings are the
 model's default sampling settings (its pipeline.json) with the best of `--num-candidates` samples per image;
-the seen prompts are also measured with guidance off and with no reranking. Ends with one JSON line with keys
-`blue_ball_on_grass`, `seen`, `heldout`, `seen_no_guidance`, `seen_no_rerank` and the settings used.
+the seen prompts are also measured with guidance off, with no reranking, and reranked by contrastive score
+alone. Ends with one JSON line with keys `blue_ball_on_grass`, `seen`, `heldout`, `seen_no_guidance`,
+`seen_no_rerank`, `seen_rerank_contrastive` and the settings used.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def main() -> None:
         "heldout": rate(heldout, n),
         "seen_no_guidance": rate(seen, n, guidance_scale=1.0),
         "seen_no_rerank": rate(seen, n, num_candidates=1),
+        "seen_rerank_contrastive": rate(seen, n, rerank="contrastive"),
     }
     result.update(
         **pipe.sampling,

@@ -2,10 +2,12 @@
 
     python benchmarks/sampling_sweep.py          # the released models/shapes-demo
     python benchmarks/sampling_sweep.py --model runs/pipeline --grid 2/0.7/none,1.5/0.85/100
+    python benchmarks/sampling_sweep.py --grid 1/0.7/none/contrastive,1/0.7/none/contrastive+likelihood
 
 For each setting in the grid, the judge's match rate on 40 seen compositions outside generation_quality.py's
-100 (and never "a blue ball on grass"), 3 pictures each (`--images-per-prompt`), best of 4. Ends with one JSON
-line mapping each setting ("guidance_scale/temperature/top_k") to its match rate. Write the winner into a pipeline with
+100 (and never "a blue ball on grass"), 3 pictures each (`--images-per-prompt`), best of 4 (`--num-candidates`),
+kept by the model's default reranker unless a setting names one. Ends with one JSON line mapping each setting
+("guidance_scale/temperature/top_k[/rerank]") to its match rate. Write the winner into a pipeline with
 `vqclip assemble ... --sampling '{...}'`.
 """
 
@@ -20,32 +22,38 @@ from pathlib import Path
 
 from corpora.shapes import SEEN, triple_prompt
 from corpora.shapes_judge import load_judge
-from pipelines.text_to_image import DEMO_MODEL, TextToImagePipeline
+from pipelines.text_to_image import DEMO_MODEL, RERANKERS, TextToImagePipeline
 
 sys.path.insert(0, str(Path(__file__).parent))
 from generation_quality import match_rate, seen_compositions  # noqa: E402
 
-DEFAULT_GRID = [  # (guidance_scale, temperature, top_k)
-    (3.0, 1.0, None),
-    (2.0, 1.0, None),
-    (5.0, 1.0, None),
-    (3.0, 0.85, None),
-    (3.0, 0.7, None),
-    (3.0, 1.0, 100),
-    (3.0, 1.0, 30),
-    (3.0, 0.9, 100),
+DEFAULT_GRID = [  # (guidance_scale, temperature, top_k, rerank: None keeps the model's default)
+    (3.0, 1.0, None, None),
+    (2.0, 1.0, None, None),
+    (5.0, 1.0, None, None),
+    (3.0, 0.85, None, None),
+    (3.0, 0.7, None, None),
+    (3.0, 1.0, 100, None),
+    (3.0, 1.0, 30, None),
+    (3.0, 0.9, 100, None),
 ]
 
 
-def parse_grid(text: str) -> list[tuple[float, float, int | None]]:
-    """ "2/0.7/none,3/1/100" -> [(2.0, 0.7, None), (3.0, 1.0, 100)]"""
+def parse_grid(text: str) -> list[tuple[float, float, int | None, str | None]]:
+    """ "2/0.7/none,3/1/100/contrastive" -> [(2.0, 0.7, None, None), (3.0, 1.0, 100, "contrastive")]"""
     grid = []
     for item in text.split(","):
         try:
-            guidance, temperature, top_k = item.strip().split("/")
-            grid.append((float(guidance), float(temperature), None if top_k.lower() == "none" else int(top_k)))
+            guidance, temperature, top_k, *rerank = item.strip().split("/")
+            if len(rerank) > 1 or (rerank and rerank[0] not in RERANKERS):
+                raise ValueError
+            top_k = None if top_k.lower() == "none" else int(top_k)
+            grid.append((float(guidance), float(temperature), top_k, rerank[0] if rerank else None))
         except ValueError:
-            message = f"expected GUIDANCE/TEMPERATURE/TOP_K (TOP_K may be none), got {item!r}"
+            message = (
+                f"expected GUIDANCE/TEMPERATURE/TOP_K[/RERANK] (TOP_K may be none; RERANK one of {RERANKERS}), "
+                f"got {item!r}"
+            )
             raise argparse.ArgumentTypeError(message) from None
     return grid
 
@@ -55,8 +63,12 @@ def main() -> None:
     parser.add_argument("--model", default=str(DEMO_MODEL), help="a pipeline folder (default: the released demo)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--images-per-prompt", type=int, default=3, help="more pictures separate close settings")
+    parser.add_argument("--num-candidates", type=int, default=4, help="samples per picture, the best kept")
     parser.add_argument(
-        "--grid", type=parse_grid, default=DEFAULT_GRID, help="comma-separated GUIDANCE/TEMPERATURE/TOP_K settings"
+        "--grid",
+        type=parse_grid,
+        default=DEFAULT_GRID,
+        help="comma-separated GUIDANCE/TEMPERATURE/TOP_K[/RERANK] settings",
     )
     args = parser.parse_args()
 
@@ -67,13 +79,20 @@ def main() -> None:
     prompts = [triple_prompt(*t) for t in chosen]
     start = time.perf_counter()
     result = {}
-    for guidance, temperature, top_k in args.grid:
-        settings = {"guidance_scale": guidance, "temperature": temperature, "top_k": top_k, "num_candidates": 4}
+    default_rerank = pipe.sampling["rerank"]
+    for guidance, temperature, top_k, rerank in args.grid:
+        settings = {"guidance_scale": guidance, "temperature": temperature, "top_k": top_k}
+        settings.update(num_candidates=args.num_candidates, rerank=rerank or default_rerank)
         pipe.sampling.update(settings)  # top_k None must mean "off" here, not "the model's default"
-        key = f"{guidance}/{temperature}/{top_k}"
+        key = f"{guidance}/{temperature}/{top_k}" + (f"/{rerank}" if rerank else "")
         result[key] = match_rate(pipe, judge, prompts, args.images_per_prompt, args.device, 5)
-        print(f"guidance_scale/temperature/top_k {key}: {result[key]:.3f}", flush=True)
-    print(json.dumps({"match_rate": result, "prompts": len(prompts), "seconds": round(time.perf_counter() - start, 1)}))
+        print(f"guidance_scale/temperature/top_k[/rerank] {key}: {result[key]:.3f}", flush=True)
+    seconds = round(time.perf_counter() - start, 1)
+    print(
+        json.dumps(
+            {"match_rate": result, "prompts": len(prompts), "num_candidates": args.num_candidates, "seconds": seconds}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ def _generate(args: argparse.Namespace) -> None:
         top_k=args.top_k,
         top_p=args.top_p,
         num_candidates=args.num_candidates,
+        rerank=args.rerank,
         generator=generator,
     )
     labels = [f"{score:.2f} {prompt}" for score, prompt in zip(out.scores.tolist(), out.prompts, strict=True)]
@@ -91,7 +92,7 @@ def _add_generate_cli(subparsers: argparse._SubParsersAction) -> None:
         "--sampling",
         default="{}",
         help='the model\'s default sampling settings as JSON, e.g. \'{"temperature": 0.9, "top_k": 100}\' '
-        "(keys: guidance_scale, temperature, top_k, top_p, num_candidates)",
+        "(keys: guidance_scale, temperature, top_k, top_p, num_candidates, rerank)",
     )
     assemble.set_defaults(func=_assemble)
 
@@ -104,6 +105,7 @@ def _add_generate_cli(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--num-candidates", type=int, help="sample this many per image, keep the best")
+    gen.add_argument("--rerank", help="how the best candidate is chosen: contrastive or contrastive+likelihood")
     gen.epilog = 'Sampling flags left out take the model\'s defaults (the "sampling" entry of its pipeline.json).'
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="cpu")

@@ -33,7 +33,17 @@ PIPELINE_NAME = "pipeline.json"
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "shapes-demo"  # the released shapes-world model
 STAGES = {"vqvae": VQVAE, "contrastive": ContrastiveModel, "prior": Prior}
 OUTPUT_TYPES = ("pil", "np", "pt")
-SAMPLING_DEFAULTS = {"guidance_scale": 3.0, "temperature": 1.0, "top_k": None, "top_p": None, "num_candidates": 1}
+SAMPLING_DEFAULTS = {
+    "guidance_scale": 3.0,
+    "temperature": 1.0,
+    "top_k": None,
+    "top_p": None,
+    "num_candidates": 1,
+    "rerank": "contrastive",
+}
+# How the best of `num_candidates` samples is chosen: by contrastive score alone (as DALL-E did), or by the sum
+# of its standing among its group's candidates (z-score) in contrastive score and in the prior's likelihood.
+RERANKERS = ("contrastive", "contrastive+likelihood")
 
 
 def check_count(name: str, value: object) -> None:
@@ -53,7 +63,25 @@ def check_sampling(sampling: object, codebook_size: int) -> dict:
         codebook_size, merged["temperature"], merged["top_k"], merged["top_p"], merged["guidance_scale"]
     )
     check_count("num_candidates", merged["num_candidates"])
+    check_reranker(merged["rerank"])
     return merged
+
+
+def check_reranker(rerank: object) -> None:
+    if rerank not in RERANKERS:
+        raise ValueError(f"rerank must be one of {RERANKERS}, got {rerank!r}")
+
+
+def best_candidates(scores: torch.Tensor, log_likelihoods: torch.Tensor, num_candidates: int, rerank: str):
+    """Index of the kept sample of each consecutive group of `num_candidates`, by the `rerank` rule."""
+    groups = scores.float().view(-1, num_candidates)
+    if rerank == "contrastive+likelihood":
+
+        def standing(values: torch.Tensor) -> torch.Tensor:
+            return (values - values.mean(1, keepdim=True)) / (values.std(1, keepdim=True) + 1e-6)
+
+        groups = standing(groups) + standing(log_likelihoods.float().view(-1, num_candidates).to(groups.device))
+    return groups.argmax(1) + torch.arange(len(groups), device=groups.device) * num_candidates
 
 
 @dataclass
@@ -61,6 +89,7 @@ class TextToImageOutput:
     images: list[Image.Image] | np.ndarray | torch.Tensor  # one per (prompt, image), prompt-major
     codes: torch.Tensor  # (B, h, w)
     scores: torch.Tensor  # (B,) contrastive similarity of each image with its prompt
+    log_likelihoods: torch.Tensor  # (B,) mean log-probability of each image's codes under the prior (nats)
     prompts: list[str]  # the prompt of each image
 
 
@@ -195,14 +224,16 @@ class TextToImagePipeline:
         top_k: int | None = None,
         top_p: float | None = None,
         num_candidates: int | None = None,
+        rerank: str | None = None,
         generator: torch.Generator | None = None,
         output_type: str = "pil",
         show_progress: bool = True,
         batch_size: int = 32,
     ) -> TextToImageOutput:
         """Generate `num_images_per_prompt` images per prompt. With `num_candidates` > 1, each image is the best
-        of that many samples by contrastive similarity to its prompt (reranking). Sampling arguments left out
-        (None) take the pipeline's defaults, `self.sampling`."""
+        of that many samples (reranking): by contrastive similarity to its prompt (`rerank="contrastive"`), or
+        by that and the prior's likelihood of its codes together (`"contrastive+likelihood"`). Sampling
+        arguments left out (None) take the pipeline's defaults, `self.sampling`."""
         prompts = clean_prompts(prompt)
         given = {
             "guidance_scale": guidance_scale,
@@ -210,19 +241,23 @@ class TextToImagePipeline:
             "top_k": top_k,
             "top_p": top_p,
             "num_candidates": num_candidates,
+            "rerank": rerank,
         }
         settings = {**self.sampling, **{name: value for name, value in given.items() if value is not None}}
-        guidance_scale, temperature, top_k, top_p, num_candidates = (settings[name] for name in SAMPLING_DEFAULTS)
+        guidance_scale, temperature, top_k, top_p, num_candidates, rerank = (
+            settings[name] for name in SAMPLING_DEFAULTS
+        )
         for name, value in (("num_images_per_prompt", num_images_per_prompt), ("num_candidates", num_candidates)):
             check_count(name, value)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         check_sampling_args(self.prior.config.codebook_size, temperature, top_k, top_p, guidance_scale)
+        check_reranker(rerank)
         self._warn_if_truncated(prompts)
 
         per_image = [p for p in prompts for _ in range(num_images_per_prompt)]
         samples = [p for p in per_image for _ in range(num_candidates)]
-        codes, pixels, scores = [], [], []
+        codes, pixels, scores, log_likelihoods = [], [], [], []
         for start in tqdm(range(0, len(samples), batch_size), desc="generating", disable=not show_progress):
             texts = samples[start : start + batch_size]
             features, mask = self.contrastive.text_token_features(texts)
@@ -234,14 +269,15 @@ class TextToImagePipeline:
             codes.append(batch_codes)
             pixels.append(images)
             scores.append(self.contrastive.similarity(images, texts))
-        codes_t, pixels_t, scores_t = torch.cat(codes), torch.cat(pixels), torch.cat(scores)
+            log_likelihoods.append(self.prior.log_likelihood(batch_codes, features, mask))
+        kept = [torch.cat(codes), torch.cat(pixels), torch.cat(scores), torch.cat(log_likelihoods)]
         if num_candidates > 1:  # keep the best candidate of each group
-            best = (
-                scores_t.view(-1, num_candidates).argmax(1)
-                + torch.arange(len(per_image), device=scores_t.device) * num_candidates
-            )
-            codes_t, pixels_t, scores_t = codes_t[best], pixels_t[best], scores_t[best]
-        return TextToImageOutput(self._convert(pixels_t, output_type), codes_t, scores_t.float().cpu(), per_image)
+            best = best_candidates(kept[2], kept[3], num_candidates, rerank)
+            kept = [values[best.to(values.device)] for values in kept]
+        codes_t, pixels_t, scores_t, log_likelihoods_t = kept
+        return TextToImageOutput(
+            self._convert(pixels_t, output_type), codes_t, scores_t.float().cpu(), log_likelihoods_t.cpu(), per_image
+        )
 
     def _warn_if_truncated(self, prompts: list[str]) -> None:
         length = self.contrastive.config.context_length

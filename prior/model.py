@@ -247,6 +247,17 @@ class Prior(PretrainedModel):
             loss = F.cross_entropy(logits.reshape(-1, c.codebook_size).float(), targets.flatten())
         return logits, loss
 
+    @torch.inference_mode()
+    def log_likelihood(
+        self, codes: torch.Tensor, text_features: torch.Tensor, text_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B,) the mean log-probability (nats) of each code grid's codes under the conditional model at
+        temperature 1: how typical the model finds a sample, whatever settings drew it."""
+        keep = torch.zeros(len(codes), dtype=torch.bool, device=text_features.device)  # never the null condition
+        logits, _ = self(codes, text_features, text_mask=text_mask, drop=keep)
+        log_probs = logits.float().log_softmax(-1).gather(-1, codes.flatten(1)[..., None])
+        return log_probs.squeeze(-1).mean(1)
+
     # ------------------------------------------------------------ sampling
 
     @torch.inference_mode()

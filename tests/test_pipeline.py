@@ -7,7 +7,13 @@ import torch
 from common.hub import ModelLoadError
 from contrastive.model import PRESETS as CLIP_PRESETS
 from contrastive.model import ContrastiveModel
-from pipelines.text_to_image import PIPELINE_NAME, SAMPLING_DEFAULTS, TextToImagePipeline
+from pipelines.text_to_image import (
+    PIPELINE_NAME,
+    RERANKERS,
+    SAMPLING_DEFAULTS,
+    TextToImagePipeline,
+    best_candidates,
+)
 from prior.model import Prior, PriorConfig
 from vqvae.model import PRESETS as VQ_PRESETS
 from vqvae.model import VQVAE
@@ -30,6 +36,9 @@ def test_images_codes_and_scores(pipe):
     assert len(out.images) == 4 and out.images[0].size == (16, 16) and out.images[0].mode == "RGB"
     assert out.codes.shape == (4, 8, 8)
     assert out.scores.shape == (4,) and out.scores.abs().max() <= 1
+    features, mask = pipe.contrastive.text_token_features(out.prompts)
+    assert torch.allclose(out.log_likelihoods, pipe.prior.log_likelihood(out.codes, features, mask))
+    assert (out.log_likelihoods < 0).all()
     assert out.prompts == ["a blue ball on grass"] * 2 + ["a red star"] * 2
     as_array = pipe("a red star", output_type="np", generator=_gen(), show_progress=False).images
     assert as_array.shape == (1, 16, 16, 3) and as_array.dtype.name == "uint8"
@@ -43,6 +52,26 @@ def test_reranking_keeps_the_best_candidate(pipe):
     winner = all_four.scores.argmax()
     assert best.scores[0] == pytest.approx(all_four.scores.max().item())
     assert torch.equal(best.codes[0], all_four.codes[winner])
+
+
+def test_reranking_by_contrastive_score_and_likelihood_together():
+    scores = torch.tensor([0.9, 0.8, 0.1, 0.3, 0.29, 0.1])
+    log_likelihoods = torch.tensor([-9.0, -1.0, -1.5, -5.0, -1.0, -1.2])
+    assert best_candidates(scores, log_likelihoods, 3, "contrastive").tolist() == [0, 3]
+    # in each group the first sample is a little the most similar, but by far the least likely
+    assert best_candidates(scores, log_likelihoods, 3, "contrastive+likelihood").tolist() == [1, 4]
+
+
+def test_reranking_setting_picks_among_the_same_candidates(pipe):
+    def best(rerank):
+        return pipe("a blue ball", num_candidates=6, rerank=rerank, generator=_gen(4), show_progress=False)
+
+    all_six = pipe("a blue ball", num_images_per_prompt=6, generator=_gen(4), show_progress=False)
+    for rerank in RERANKERS:
+        kept = best_candidates(all_six.scores, all_six.log_likelihoods, 6, rerank)
+        assert torch.equal(best(rerank).codes[0], all_six.codes[kept[0]])
+    with pytest.raises(ValueError, match="rerank"):
+        best("judge")
 
 
 def test_save_load_gives_identical_images(pipe, tmp_path):
@@ -73,7 +102,8 @@ def test_default_sampling_settings_are_saved_used_and_overridable(pipe, tmp_path
     assert not torch.equal(codes(loaded, temperature=1.0, top_k=16, num_candidates=1), explicit)
     assert torch.equal(codes(loaded, temperature=1.0, top_k=16, num_candidates=1), codes(pipe, top_k=16))
     spec = json.loads((tmp_path / "tuned" / PIPELINE_NAME).read_text())
-    for bad, message in (({"top_k": 0}, "top_k"), ({"temprature": 1.0}, "temprature"), ([], "JSON object")):
+    bad_settings = ({"top_k": 0}, {"temprature": 1.0}, {"rerank": "clip"}, [])
+    for bad, message in zip(bad_settings, ("top_k", "temprature", "rerank", "JSON object"), strict=True):
         spec["sampling"] = bad
         (tmp_path / "tuned" / PIPELINE_NAME).write_text(json.dumps(spec))
         with pytest.raises(ModelLoadError, match=message):

@@ -52,6 +52,17 @@ def test_padding_in_the_text_is_ignored():
     assert torch.allclose(model(codes, features, text_mask=mask)[0], model(codes, noisy, text_mask=mask)[0], atol=1e-6)
 
 
+def test_log_likelihood_is_the_conditional_models_mean_log_probability():
+    model = _prior()
+    features, mask = _text()
+    codes = model.generate(features, mask, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, loss = model(codes, features, targets=codes.flatten(1), text_mask=mask)
+    log_likelihood = model.log_likelihood(codes, features, mask)
+    assert log_likelihood.shape == (2,) and (log_likelihood < 0).all()
+    assert -log_likelihood.mean().item() == pytest.approx(loss.item(), rel=1e-5)
+
+
 @pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
 def test_cached_and_uncached_generation_agree(guidance_scale):
     model = _prior()

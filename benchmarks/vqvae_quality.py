@@ -26,28 +26,24 @@ from vqvae.evaluate import evaluate
 from vqvae.model import VQVAE
 
 RELEASED = DEMO_MODEL / "vqvae"
-FIDELITY_ATTRIBUTES = ("color", "shape", "background")
 
 
 @torch.no_grad()
 def attribute_fidelity(model: VQVAE, dataset: torch.utils.data.Dataset, batch_size: int = 64) -> dict[str, float]:
-    """How often the judge reads the same attributes from reconstruction and original."""
+    """How often the judge reads the same color, shape and background from reconstruction and original."""
     from corpora.shapes_judge import load_judge
 
     judge = load_judge()
-    same = {a: 0 for a in FIDELITY_ATTRIBUTES}
-    all_same = total = 0
+    same: dict[str, list[bool]] = {}
     for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
         pixels = batch["pixel_values"]
-        originals = judge.read(to_pil(pixels))
-        rebuilt = judge.read(to_pil(model.decode(model.encode(pixels))))
-        for a_reading, b_reading in zip(originals, rebuilt, strict=True):
-            agree = [a_reading[a] == b_reading[a] for a in FIDELITY_ATTRIBUTES]
-            for a, ok in zip(FIDELITY_ATTRIBUTES, agree, strict=True):
-                same[a] += ok
-            all_same += all(agree)
-            total += 1
-    return {"attribute_fidelity": all_same / total, **{f"fidelity_{a}": n / total for a, n in same.items()}}
+        for name, agree in judge.agreement(to_pil(pixels), to_pil(model.decode(model.encode(pixels)))).items():
+            same.setdefault(name, []).extend(agree)
+    all_same = [all(row) for row in zip(*same.values(), strict=True)]
+    return {
+        "attribute_fidelity": sum(all_same) / len(all_same),
+        **{f"fidelity_{name}": sum(agree) / len(agree) for name, agree in same.items()},
+    }
 
 
 def main() -> None:

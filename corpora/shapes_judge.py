@@ -36,6 +36,7 @@ TRAIN_STREAM, EVAL_STREAM, _AUGMENT_STREAM = 0, 1, 2
 _STREAM_TAG = 0x5A4A  # keeps these random streams apart from the corpus builder's
 MIN_ACCURACY = 0.99
 EVAL_BLUR = 1.0
+ATTRIBUTE_TRIPLE = ("color", "shape", "background")  # what a prompt such as "a blue ball on grass" names
 
 
 @dataclass
@@ -106,6 +107,16 @@ class ShapesJudge(PretrainedModel):
         """The attributes read from each image, e.g. {"color": "red", "shape": "ball", ...}."""
         rows = self.predict(images).tolist()
         return [{name: ATTRIBUTES[name][i] for name, i in zip(ATTRIBUTES, row, strict=True)} for row in rows]
+
+    def agreement(
+        self, originals: list[Image.Image], copies: list[Image.Image], attributes: tuple[str, ...] = ATTRIBUTE_TRIPLE
+    ) -> dict[str, list[bool]]:
+        """Per attribute, whether the judge reads the same value from each copy (e.g. a reconstruction) as from
+        its original."""
+        if len(originals) != len(copies):
+            raise ValueError(f"got {len(originals)} originals but {len(copies)} copies")
+        pairs = list(zip(self.read(originals), self.read(copies), strict=True))
+        return {name: [a[name] == b[name] for a, b in pairs] for name in attributes}
 
     def score(self, prompts: list[str], images: list[Image.Image]) -> JudgeScore:
         """Whether each image shows every attribute its prompt names (a prompt naming none always matches)."""

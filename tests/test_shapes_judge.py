@@ -54,6 +54,15 @@ def test_score_semantics(judge: ShapesJudge, red_ball: Image.Image) -> None:
         judge.score(["a red ball", "a ball"], [red_ball])
 
 
+def test_agreement_per_attribute(judge: ShapesJudge, red_ball: Image.Image) -> None:
+    blue_star = render(Scene("blue", "star", "grass", "large", "center"), 64, np.random.default_rng(0))
+    agreement = judge.agreement([red_ball, red_ball], [blur(red_ball, 1.0), blue_star])
+    assert agreement == {"color": [True, False], "shape": [True, False], "background": [True, True]}
+    assert judge.agreement([red_ball], [blue_star], ("size",)) == {"size": [True]}
+    with pytest.raises(ValueError, match="2 originals but 1 copies"):
+        judge.agreement([red_ball, red_ball], [red_ball])
+
+
 def test_config_limits() -> None:
     with pytest.raises(ConfigError, match="channels"):
         JudgeConfig(channels=(8, 8, 8))

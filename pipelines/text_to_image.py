@@ -261,15 +261,15 @@ class TextToImagePipeline:
         for start in tqdm(range(0, len(samples), batch_size), desc="generating", disable=not show_progress):
             texts = samples[start : start + batch_size]
             features, mask = self.contrastive.text_token_features(texts)
-            batch_codes = self.prior.generate(
-                features, mask, temperature=temperature, top_k=top_k, top_p=top_p,
-                guidance_scale=guidance_scale, generator=generator, show_progress=show_progress,
+            batch_codes, batch_log_likelihoods = self.prior.generate(
+                features, mask, temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale,
+                generator=generator, show_progress=show_progress, return_log_likelihood=True,
             )  # fmt: skip
             images = self.vqvae.decode(batch_codes)
             codes.append(batch_codes)
             pixels.append(images)
             scores.append(self.contrastive.similarity(images, texts))
-            log_likelihoods.append(self.prior.log_likelihood(batch_codes, features, mask))
+            log_likelihoods.append(batch_log_likelihoods)
         kept = [torch.cat(codes), torch.cat(pixels), torch.cat(scores), torch.cat(log_likelihoods)]
         if num_candidates > 1:  # keep the best candidate of each group
             best = best_candidates(kept[2], kept[3], num_candidates, rerank)

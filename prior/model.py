@@ -247,17 +247,6 @@ class Prior(PretrainedModel):
             loss = F.cross_entropy(logits.reshape(-1, c.codebook_size).float(), targets.flatten())
         return logits, loss
 
-    @torch.inference_mode()
-    def log_likelihood(
-        self, codes: torch.Tensor, text_features: torch.Tensor, text_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """(B,) the mean log-probability (nats) of each code grid's codes under the conditional model at
-        temperature 1: how typical the model finds a sample, whatever settings drew it."""
-        keep = torch.zeros(len(codes), dtype=torch.bool, device=text_features.device)  # never the null condition
-        logits, _ = self(codes, text_features, text_mask=text_mask, drop=keep)
-        log_probs = logits.float().log_softmax(-1).gather(-1, codes.flatten(1)[..., None])
-        return log_probs.squeeze(-1).mean(1)
-
     # ------------------------------------------------------------ sampling
 
     @torch.inference_mode()
@@ -274,13 +263,16 @@ class Prior(PretrainedModel):
         prefix_codes: torch.Tensor | None = None,
         use_cache: bool = True,
         show_progress: bool = False,
-    ) -> torch.Tensor:
+        return_log_likelihood: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Sample code grids (B, h, w) for B text conditions.
 
         `guidance_scale` s mixes logits as uncond + s * (cond - uncond): 1 is the plain conditional, 0 the
         unconditional. `prefix_codes` (B, k) fixes the first k codes (e.g. the first rows of an image) and
         samples the rest. Randomness comes only from `generator`. `use_cache=False` recomputes the whole
-        sequence at every step (for comparison).
+        sequence at every step (for comparison). `return_log_likelihood=True` also returns (B,) the mean
+        log-probability (nats) of the sampled codes under the conditional model at temperature 1, unfiltered:
+        how typical the model finds each sample, whatever settings drew it.
         """
         c = self.config
         check_sampling_args(c.codebook_size, temperature, top_k, top_p, guidance_scale)
@@ -320,6 +312,7 @@ class Prior(PretrainedModel):
             return torch.cat(parts, dim=1) + positions[first:last]
 
         steps = range(given.shape[1], c.num_codes)
+        log_likelihood = torch.zeros(b, device=prefix.device)
         for step in tqdm(steps, desc="sampling codes", disable=not show_progress, leave=False):
             if cache is None or cache.length == 0:  # the prefix, the start token and any given codes at once
                 x = torch.cat([prefix, embed(0, step + 1)], dim=1)
@@ -328,7 +321,7 @@ class Prior(PretrainedModel):
             else:
                 n = cache.length
                 logits = self._run(embed(step, step + 1), mask[:, :, n : n + 1, : n + 1], cache)[:, -1]
-            logits = logits.float()
+            logits = cond = logits.float()
             if guided:
                 cond, uncond = logits[:b], logits[b:]
                 logits = uncond + guidance_scale * (cond - uncond)
@@ -336,4 +329,9 @@ class Prior(PretrainedModel):
             logits = _filter_logits(logits / max(temperature, MIN_TEMPERATURE), top_k, top_p)
             probs = logits.softmax(-1)
             codes[:, step] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        return codes.view(b, c.grid_size, c.grid_size)
+            if return_log_likelihood:
+                log_likelihood += cond.log_softmax(-1).gather(1, codes[:, step, None]).squeeze(1)
+        codes = codes.view(b, c.grid_size, c.grid_size)
+        if return_log_likelihood:
+            return codes, log_likelihood / max(len(steps), 1)
+        return codes

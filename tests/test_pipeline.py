@@ -15,6 +15,7 @@ from pipelines.text_to_image import (
     best_candidates,
 )
 from prior.model import Prior, PriorConfig
+from tests.helpers import mean_log_probability
 from vqvae.model import PRESETS as VQ_PRESETS
 from vqvae.model import VQVAE
 
@@ -37,7 +38,7 @@ def test_images_codes_and_scores(pipe):
     assert out.codes.shape == (4, 8, 8)
     assert out.scores.shape == (4,) and out.scores.abs().max() <= 1
     features, mask = pipe.contrastive.text_token_features(out.prompts)
-    assert torch.allclose(out.log_likelihoods, pipe.prior.log_likelihood(out.codes, features, mask))
+    assert torch.allclose(out.log_likelihoods, mean_log_probability(pipe.prior, out.codes, features, mask), atol=1e-5)
     assert (out.log_likelihoods < 0).all()
     assert out.prompts == ["a blue ball on grass"] * 2 + ["a red star"] * 2
     as_array = pipe("a red star", output_type="np", generator=_gen(), show_progress=False).images

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from prior.model import PRESETS, Prior, PriorConfig, _filter_logits
+from tests.helpers import mean_log_probability
 
 TINY = PRESETS["tiny"]
 
@@ -52,15 +53,19 @@ def test_padding_in_the_text_is_ignored():
     assert torch.allclose(model(codes, features, text_mask=mask)[0], model(codes, noisy, text_mask=mask)[0], atol=1e-6)
 
 
-def test_log_likelihood_is_the_conditional_models_mean_log_probability():
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_log_likelihood_is_the_conditional_models_mean_log_probability(use_cache):
     model = _prior()
     features, mask = _text()
-    codes = model.generate(features, mask, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        _, loss = model(codes, features, targets=codes.flatten(1), text_mask=mask)
-    log_likelihood = model.log_likelihood(codes, features, mask)
+    settings = {"guidance_scale": 2.0, "temperature": 0.5, "top_k": 3, "use_cache": use_cache}
+    codes, log_likelihood = model.generate(
+        features, mask, generator=torch.Generator().manual_seed(0), return_log_likelihood=True, **settings
+    )
     assert log_likelihood.shape == (2,) and (log_likelihood < 0).all()
-    assert -log_likelihood.mean().item() == pytest.approx(loss.item(), rel=1e-5)
+    # at temperature 1 and unfiltered, whatever settings drew the codes
+    assert torch.allclose(log_likelihood, mean_log_probability(model, codes, features, mask), atol=1e-5)
+    plain = model.generate(features, mask, generator=torch.Generator().manual_seed(0), **settings)
+    assert torch.equal(plain, codes)
 
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 3.0])

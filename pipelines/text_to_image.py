@@ -72,7 +72,9 @@ def check_reranker(rerank: object) -> None:
         raise ValueError(f"rerank must be one of {RERANKERS}, got {rerank!r}")
 
 
-def best_candidates(scores: torch.Tensor, log_likelihoods: torch.Tensor, num_candidates: int, rerank: str):
+def best_candidates(
+    scores: torch.Tensor, log_likelihoods: torch.Tensor, num_candidates: int, rerank: str
+) -> torch.Tensor:
     """Index of the kept sample of each consecutive group of `num_candidates`, by the `rerank` rule."""
     groups = scores.float().view(-1, num_candidates)
     if rerank == "contrastive+likelihood":

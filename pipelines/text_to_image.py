@@ -63,13 +63,9 @@ def check_sampling(sampling: object, codebook_size: int) -> dict:
         codebook_size, merged["temperature"], merged["top_k"], merged["top_p"], merged["guidance_scale"]
     )
     check_count("num_candidates", merged["num_candidates"])
-    check_reranker(merged["rerank"])
+    if merged["rerank"] not in RERANKERS:
+        raise ValueError(f"rerank must be one of {RERANKERS}, got {merged['rerank']!r}")
     return merged
-
-
-def check_reranker(rerank: object) -> None:
-    if rerank not in RERANKERS:
-        raise ValueError(f"rerank must be one of {RERANKERS}, got {rerank!r}")
 
 
 def best_candidates(
@@ -246,15 +242,13 @@ class TextToImagePipeline:
             "rerank": rerank,
         }
         settings = {**self.sampling, **{name: value for name, value in given.items() if value is not None}}
+        settings = check_sampling(settings, self.prior.config.codebook_size)  # as the stored defaults are
         guidance_scale, temperature, top_k, top_p, num_candidates, rerank = (
             settings[name] for name in SAMPLING_DEFAULTS
         )
-        for name, value in (("num_images_per_prompt", num_images_per_prompt), ("num_candidates", num_candidates)):
-            check_count(name, value)
+        check_count("num_images_per_prompt", num_images_per_prompt)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        check_sampling_args(self.prior.config.codebook_size, temperature, top_k, top_p, guidance_scale)
-        check_reranker(rerank)
         self._warn_if_truncated(prompts)
 
         per_image = [p for p in prompts for _ in range(num_images_per_prompt)]
@@ -272,11 +266,12 @@ class TextToImagePipeline:
             pixels.append(images)
             scores.append(self.contrastive.similarity(images, texts))
             log_likelihoods.append(batch_log_likelihoods)
-        kept = [torch.cat(codes), torch.cat(pixels), torch.cat(scores), torch.cat(log_likelihoods)]
+        codes_t, pixels_t, scores_t, log_likelihoods_t = map(torch.cat, (codes, pixels, scores, log_likelihoods))
         if num_candidates > 1:  # keep the best candidate of each group
-            best = best_candidates(kept[2], kept[3], num_candidates, rerank)
-            kept = [values[best.to(values.device)] for values in kept]
-        codes_t, pixels_t, scores_t, log_likelihoods_t = kept
+            best = best_candidates(scores_t, log_likelihoods_t, num_candidates, rerank)
+            codes_t, pixels_t, scores_t, log_likelihoods_t = (
+                values[best.to(values.device)] for values in (codes_t, pixels_t, scores_t, log_likelihoods_t)
+            )
         return TextToImageOutput(
             self._convert(pixels_t, output_type), codes_t, scores_t.float().cpu(), log_likelihoods_t.cpu(), per_image
         )

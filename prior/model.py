@@ -74,12 +74,12 @@ MIN_TEMPERATURE = 1e-4  # lower temperatures act as this one, which is practical
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: (layers, B, heads, max_len, head_dim) each."""
+    """Preallocated keys and values: one (B, heads, max_len, head_dim) tensor of each per layer."""
 
     def __init__(self, layers: int, batch: int, heads: int, max_len: int, head_dim: int, like: torch.Tensor):
-        shape = (layers, batch, heads, max_len, head_dim)
-        self.k = like.new_zeros(shape)
-        self.v = like.new_zeros(shape)
+        shape = (batch, heads, max_len, head_dim)
+        self.k = [like.new_zeros(shape) for _ in range(layers)]
+        self.v = [like.new_zeros(shape) for _ in range(layers)]
         self.length = 0
 
 
@@ -98,9 +98,9 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, h, n, d)
         if cache is not None:  # write this step's keys/values, attend over everything so far
             start, end = cache.length, cache.length + x.shape[1]
-            cache.k[layer, :, :, start:end] = k
-            cache.v[layer, :, :, start:end] = v
-            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
+            cache.k[layer][:, :, start:end] = k
+            cache.v[layer][:, :, start:end] = v
+            k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
         dropout = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B, h, n, d)
         return self.out(y.transpose(1, 2).reshape(b, n, -1))
@@ -295,7 +295,9 @@ class Prior(PretrainedModel):
         codes[:, : given.shape[1]] = given
         positions = self._code_positions()
         rows = prefix.shape[0]
-        mask = self._attention_mask(torch.cat([prefix_mask, prefix_mask.new_ones(rows, c.num_codes)], dim=1))
+        allowed = self._attention_mask(torch.cat([prefix_mask, prefix_mask.new_ones(rows, c.num_codes)], dim=1))
+        # additive, built once: attention would otherwise convert a boolean mask in every layer at every step
+        mask = torch.zeros(allowed.shape, dtype=prefix.dtype, device=prefix.device).masked_fill(~allowed, float("-inf"))
         cache = None
         if use_cache:
             head_dim = c.dim // c.heads
@@ -308,7 +310,8 @@ class Prior(PretrainedModel):
                 parts.append(self.start.expand(rows, 1, -1))
             known = codes[:, max(first - 1, 0) : last - 1]
             if known.shape[1]:
-                parts.append(self.code_embed(known.repeat(2 if guided else 1, 1)))
+                embedded = self.code_embed(known)
+                parts.append(torch.cat([embedded, embedded]) if guided else embedded)
             return torch.cat(parts, dim=1) + positions[first:last]
 
         steps = range(given.shape[1], c.num_codes)

@@ -3,7 +3,8 @@ the cost of classifier-free guidance, and seconds per image for several code cou
 
     python benchmarks/decode_speed.py                  # dim 256, 4 layers, 8 heads, 32 text positions, batch 4
 
-Times are medians of `--repeats` calls. Ends with one JSON line with keys `cached_s`, `recompute_s`, `speedup`,
+Times are medians of `--repeats` calls; the two settings of each comparison take turns, so that drift in the
+machine's speed does not bias their ratio. Ends with one JSON line with keys `cached_s`, `recompute_s`, `speedup`,
 `cfg_overhead` and `s_per_image` (a map from code count to seconds per image, cached, with guidance).
 """
 
@@ -39,7 +40,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per comparison; the median is kept")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per comparison; the median is kept")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -53,30 +54,40 @@ def main() -> None:
         torch.manual_seed(0)
         return Prior(config).to(args.device, dtype).eval()
 
-    def run(model: Prior, repeats: int = 1, **kwargs) -> float:
-        """Median seconds of `repeats` `generate` calls, timed after an identical untimed one: the first call at
-        each sequence length pays one-time costs (on a GPU, choosing kernels for every new shape)."""
+    def sampler(model: Prior, **kwargs):
         text = torch.randn(args.batch, args.text_length, args.dim, device=args.device, dtype=dtype)
 
         def sample() -> None:
             model.generate(text, generator=torch.Generator(args.device).manual_seed(0), **kwargs)
 
-        sample()
-        return statistics.median(timed(sample, args.device) for _ in range(repeats))
+        return sample
+
+    def medians(samplers: dict, repeats: int) -> dict[str, float]:
+        """Median seconds of `repeats` calls of each sampler, timed after an identical untimed call (the first
+        call at each sequence length pays one-time costs: on a GPU, choosing kernels for every new shape). The
+        samplers take turns, in alternating order, so that a machine whose speed drifts slows them alike."""
+        for sample in samplers.values():
+            sample()
+        times = {name: [] for name in samplers}
+        for r in range(repeats):
+            for name in list(samplers)[:: 1 if r % 2 == 0 else -1]:
+                times[name].append(timed(samplers[name], args.device))
+        return {name: statistics.median(values) for name, values in times.items()}
 
     model = model_for(16)  # 256 codes
-    cached = run(model, args.repeats, guidance_scale=1.0)
-    recompute = run(model, args.repeats, guidance_scale=1.0, use_cache=False)
-    guided = run(model, args.repeats, guidance_scale=3.0)
+    cached = sampler(model, guidance_scale=1.0)
+    speed = medians({"cached": cached, "recompute": sampler(model, guidance_scale=1.0, use_cache=False)}, args.repeats)
+    guidance = medians({"cached": cached, "guided": sampler(model, guidance_scale=3.0)}, args.repeats)
+    cached, recompute = speed["cached"], speed["recompute"]
     per_image = {}
     for grid in (8, 16, 32):
-        m = model_for(grid)
-        per_image[grid * grid] = round(run(m, guidance_scale=3.0) / args.batch, 4)
+        seconds = medians({"guided": sampler(model_for(grid), guidance_scale=3.0)}, 1)["guided"]
+        per_image[grid * grid] = round(seconds / args.batch, 4)
     result = {
         "cached_s": round(cached, 3),
         "recompute_s": round(recompute, 3),
         "speedup": round(recompute / cached, 1),
-        "cfg_overhead": round(guided / cached, 2),
+        "cfg_overhead": round(guidance["guided"] / guidance["cached"], 2),
         "s_per_image": per_image,
         "batch": args.batch,
         "device": args.device,
@@ -85,7 +96,7 @@ def main() -> None:
         "repeats": args.repeats,
     }
     print(f"256 codes x {args.batch} images: cached {cached:.2f} s, recomputed {recompute:.2f} s "
-          f"({recompute / cached:.1f}x); guidance costs {guided / cached:.2f}x")  # fmt: skip
+          f"({recompute / cached:.1f}x); guidance costs {guidance['guided'] / guidance['cached']:.2f}x")  # fmt: skip
     print(json.dumps(result))
 
 

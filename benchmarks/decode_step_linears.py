@@ -4,11 +4,12 @@
 
 A cached step multiplies a few rows (the batch) by every weight matrix of the prior: per layer the attention's
 qkv and output projections and the MLP's two layers, then the output head. This times that sequence of matrix
-products alone, with the weights stored four ways: as the prior stores them (fp32, row-major, `F.linear`),
-column-major (the same numbers, transposed in memory), as fp16 (FBGEMM's fp16-weight product, where this
-torch has it), and as fp32 matrices of an eighth of the rows (the same number of calls, an eighth of the
-bytes). Times are the median of `--repeats` runs of `--steps` steps, after a warm-up. Ends with one JSON line
-with the milliseconds per step of each (`null` where unavailable) and the megabytes of weights per step.
+products alone, with the weights stored five ways: as the prior stores them (fp32, row-major, `F.linear`),
+column-major (the same numbers, transposed in memory), reordered once by oneDNN for this many rows (what
+cached decoding does on a CPU, `prior/prepack.py`), as fp16 (FBGEMM's fp16-weight product, where this torch
+has it), and as fp32 matrices of an eighth of the rows (the same number of calls, an eighth of the bytes).
+Times are the median of `--repeats` runs of `--steps` steps, after a warm-up. Ends with one JSON line with the
+milliseconds per step of each (`null` where unavailable) and the megabytes of weights per step.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from prior import prepack
 
 
 def per_step_ms(step, steps: int, repeats: int) -> float:
@@ -65,11 +68,20 @@ def main() -> None:
     result = {
         "fp32_ms": per_step_ms(linears(weights, biases), args.steps, args.repeats),
         "fp32_column_major_ms": per_step_ms(linears(column_major, biases), args.steps, args.repeats),
+        "fp32_reordered_ms": None,
         "fp16_weights_ms": None,
         "fp32_eighth_rows_ms": per_step_ms(
             linears(eighth, [b[: len(w)] for b, w in zip(biases, eighth, strict=True)]), args.steps, args.repeats
         ),
     }
+    if prepack.available():
+        reordered = [prepack.reorder(w, args.rows) for w in weights]
+
+        def reordered_step() -> None:
+            for w, r, b in zip(weights, reordered, biases, strict=True):
+                prepack.reordered_linear(inputs[w.shape[1]], r, b)
+
+        result["fp32_reordered_ms"] = per_step_ms(reordered_step, args.steps, args.repeats)
     if torch.backends.quantized.engine in ("fbgemm", "x86"):
         packed = [torch.ops.quantized.linear_prepack_fp16(w, b) for w, b in zip(weights, biases, strict=True)]
 

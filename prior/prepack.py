@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def reordered_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-def _pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
+def reorder(weight: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
 
 
@@ -35,7 +35,7 @@ def available() -> bool:
     generator = torch.Generator().manual_seed(0)
     x, weight, bias = (torch.randn(*shape, generator=generator) for shape in ((3, 8), (5, 8), (5,)))
     try:
-        out = _onednn_linear(x, _pack(weight, 3), bias)
+        out = reordered_linear(x, reorder(weight, 3), bias)
     except (AttributeError, RuntimeError):  # the ops are missing or refuse these tensors
         return False
     return torch.allclose(out, F.linear(x, weight, bias), rtol=1e-5, atol=1e-6)
@@ -49,7 +49,7 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
             return super().forward(x)
-        return _onednn_linear(x, self.packed, self.bias)
+        return reordered_linear(x, self.packed, self.bias)
 
 
 @contextmanager
@@ -60,7 +60,7 @@ def prepacked(model: nn.Module, rows: int) -> Iterator[None]:
     usable = available() and all(m.weight.device.type == "cpu" and m.weight.dtype == torch.float32 for m in layers)
     if usable:
         for layer in layers:
-            layer.packed = _pack(layer.weight, rows)
+            layer.packed = reorder(layer.weight, rows)
     try:
         yield
     finally:

@@ -49,6 +49,7 @@ def _add_data_cli(subparsers: argparse._SubParsersAction) -> None:
 def _generate(args: argparse.Namespace) -> None:
     import torch
 
+    from common.data import load_image
     from common.grid import make_grid
     from pipelines.text_to_image import TextToImagePipeline
 
@@ -64,9 +65,19 @@ def _generate(args: argparse.Namespace) -> None:
         num_candidates=args.num_candidates,
         rerank=args.rerank,
         generator=generator,
+        image=args.image,
+        keep_rows=args.keep_rows,
     )
+    images = list(out.images)
     labels = [f"{score:.2f} {prompt}" for score, prompt in zip(out.scores.tolist(), out.prompts, strict=True)]
-    make_grid(out.images, labels, columns=args.num_images).save(args.out)
+    columns = args.num_images
+    if args.image:  # each row starts with the image it completes
+        source = load_image(args.image)
+        for row in reversed(range(0, len(images), columns)):
+            images.insert(row, source)
+            labels.insert(row, "completes this")
+        columns += 1
+    make_grid(images, labels, columns=columns).save(args.out)
     print(f"wrote {len(out.images)} images to {args.out} (labels: contrastive score, prompt)")
 
 
@@ -106,6 +117,8 @@ def _add_generate_cli(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--num-candidates", type=int, help="sample this many per image, keep the best")
     gen.add_argument("--rerank", help="how the best candidate is chosen: contrastive or contrastive+likelihood")
+    gen.add_argument("--image", help="complete this image: keep its top rows, draw the rest for each prompt")
+    gen.add_argument("--keep-rows", type=int, help="with --image: rows of codes kept (default: half)")
     gen.epilog = 'Sampling flags left out take the model\'s defaults (the "sampling" entry of its pipeline.json).'
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="cpu")

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from common.data import load_image, resize_center_crop, to_rgb, to_tensor
 from common.grid import to_pil, to_uint8
 from common.hub import CONFIG_NAME, ModelLoadError, atomic_write_text, read_json
 from contrastive.model import ContrastiveModel
@@ -227,12 +228,19 @@ class TextToImagePipeline:
         output_type: str = "pil",
         show_progress: bool = True,
         batch_size: int = 32,
+        image: Image.Image | str | os.PathLike | None = None,
+        keep_rows: int | None = None,
     ) -> TextToImageOutput:
         """Generate `num_images_per_prompt` images per prompt. With `num_candidates` > 1, each image is the best
         of that many samples (reranking): by contrastive similarity to its prompt (`rerank="contrastive"`), or
         by that and the prior's likelihood of its codes together (`"contrastive+likelihood"`). Sampling
-        arguments left out (None) take the pipeline's defaults, `self.sampling`."""
+        arguments left out (None) take the pipeline's defaults, `self.sampling`.
+
+        With `image` (a PIL image or a path to one), every image completes that one: it keeps the top
+        `keep_rows` rows of the image's codes (default: half of them) and the prior draws the rest for the
+        prompt. The kept part comes back as the tokenizer draws it."""
         prompts = clean_prompts(prompt)
+        kept = self._kept_codes(image, keep_rows)
         given = {
             "guidance_scale": guidance_scale,
             "temperature": temperature,
@@ -260,6 +268,7 @@ class TextToImagePipeline:
             batch_codes, batch_log_likelihoods = self.prior.generate(
                 features, mask, temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale,
                 generator=generator, show_progress=show_progress, return_log_likelihood=True,
+                prefix_codes=None if kept is None else kept.expand(len(texts), -1),
             )  # fmt: skip
             images = self.vqvae.decode(batch_codes)
             codes.append(batch_codes)
@@ -275,6 +284,25 @@ class TextToImagePipeline:
         return TextToImageOutput(
             self._convert(pixels_t, output_type), codes_t, scores_t.float().cpu(), log_likelihoods_t.cpu(), per_image
         )
+
+    def _kept_codes(self, image: Image.Image | str | os.PathLike | None, keep_rows: int | None) -> torch.Tensor | None:
+        """(1, keep_rows * grid) codes of the top rows of `image`, or None without one."""
+        if image is None:
+            if keep_rows is not None:
+                raise ValueError("keep_rows needs an image to complete")
+            return None
+        grid = self.prior.config.grid_size
+        keep_rows = grid // 2 if keep_rows is None else keep_rows
+        if not isinstance(keep_rows, int) or isinstance(keep_rows, bool) or not 1 <= keep_rows < grid:
+            raise ValueError(
+                f"keep_rows must be an integer from 1 to {grid - 1} (codes have {grid} rows), got {keep_rows!r}"
+            )
+        if isinstance(image, (str, os.PathLike)):
+            image = load_image(image)
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"image must be a PIL image or the path to one, got {type(image).__name__}")
+        pixels = to_tensor(resize_center_crop(to_rgb(image), self.vqvae.config.resolution))
+        return self.vqvae.encode(pixels[None].to(self.device))[:, :keep_rows].flatten(1)
 
     def _warn_if_truncated(self, prompts: list[str]) -> None:
         length = self.contrastive.config.context_length

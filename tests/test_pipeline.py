@@ -171,6 +171,42 @@ def test_bad_arguments_get_a_clear_error(pipe, kwargs, message):
         pipe("a blue ball", show_progress=False, **kwargs)
 
 
+def test_completion_keeps_the_top_rows_of_the_image(pipe, tmp_path):
+    from PIL import Image
+
+    from common.data import resize_center_crop, to_tensor
+
+    picture = Image.fromarray((torch.rand(16, 16, 3, generator=_gen(1)) * 255).byte().numpy())
+    picture.save(tmp_path / "in.png")
+    codes = pipe.vqvae.encode(to_tensor(picture)[None])  # (1, 8, 8)
+    for source in (picture, tmp_path / "in.png", str(tmp_path / "in.png")):
+        out = pipe(["a blue ball", "a red star"], image=source, keep_rows=3, num_images_per_prompt=2,
+                   num_candidates=2, guidance_scale=2.0, generator=_gen(), show_progress=False)  # fmt: skip
+        assert out.codes.shape == (4, 8, 8)
+        assert (out.codes[:, :3] == codes[:, :3]).all()
+    assert any(not torch.equal(out.codes[0, 3:], other[3:]) for other in out.codes[1:])  # the rest is sampled
+    wide = picture.resize((40, 30))  # any size is resized and center-cropped, as training data is
+    default = pipe("a blue ball", image=wide, generator=_gen(), show_progress=False)
+    resized = pipe.vqvae.encode(to_tensor(resize_center_crop(wide, 16))[None])
+    assert default.codes.shape == (1, 8, 8) and torch.equal(default.codes[:, :4], resized[:, :4])  # half the rows
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"keep_rows": 2}, "needs an image"), ({"image": "PIC", "keep_rows": 0}, "from 1 to 7"),
+     ({"image": "PIC", "keep_rows": 8}, "from 1 to 7"), ({"image": "PIC", "keep_rows": 2.5}, "integer"),
+     ({"image": "PIC", "keep_rows": True}, "integer"), ({"image": 3}, "PIL image or the path"),
+     ({"image": "/no/such/picture.png"}, "missing image")],
+)  # fmt: skip
+def test_bad_completion_arguments_get_a_clear_error(pipe, kwargs, message):
+    from PIL import Image
+
+    if kwargs.get("image") == "PIC":
+        kwargs["image"] = Image.new("RGB", (16, 16), "red")
+    with pytest.raises(ValueError, match=message):
+        pipe("a blue ball", show_progress=False, **kwargs)
+
+
 def test_generate_command_writes_a_grid(pipe, tmp_path, capsys):
     from PIL import Image
 
@@ -189,6 +225,13 @@ def test_generate_command_writes_a_grid(pipe, tmp_path, capsys):
     assert main(["generate", "a blue ball on grass", "a red star", "--model", str(tmp_path / "pipe"),
                  "-n", "3", "--seed", "0", "--out", str(out)]) == 0  # fmt: skip
     assert Image.open(out).size[0] > 3 * 16
+    Image.new("RGB", (16, 16), "green").save(tmp_path / "green.png")
+    completed = tmp_path / "completed.png"
+    assert main(["generate", "a blue ball on grass", "--model", str(tmp_path / "pipe"), "-n", "2",
+                 "--image", str(tmp_path / "green.png"), "--keep-rows", "3", "--out", str(completed)]) == 0  # fmt: skip
+    assert Image.open(completed).size[0] == Image.open(out).size[0]  # the image it completes, then 2 pictures
+    assert main(["generate", "x", "--model", str(tmp_path / "pipe"), "--keep-rows", "3"]) == 2
+    assert "needs an image" in capsys.readouterr().err
     assert main(["generate", "", "--model", str(tmp_path / "pipe")]) == 2
     assert "prompt 0 is empty" in capsys.readouterr().err
     assert main(["generate", "x", "--model", str(tmp_path / "nothing")]) == 2

@@ -34,6 +34,7 @@ PIPELINE_NAME = "pipeline.json"
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "shapes-demo"  # the released shapes-world model
 STAGES = {"vqvae": VQVAE, "contrastive": ContrastiveModel, "prior": Prior}
 OUTPUT_TYPES = ("pil", "np", "pt")
+ImageInput = Image.Image | str | os.PathLike  # a picture to complete: a PIL image or the path to one
 SAMPLING_DEFAULTS = {
     "guidance_scale": 3.0,
     "temperature": 1.0,
@@ -228,7 +229,7 @@ class TextToImagePipeline:
         output_type: str = "pil",
         show_progress: bool = True,
         batch_size: int = 32,
-        image: Image.Image | str | os.PathLike | None = None,
+        image: ImageInput | list[ImageInput] | None = None,
         keep_rows: int | None = None,
     ) -> TextToImageOutput:
         """Generate `num_images_per_prompt` images per prompt. With `num_candidates` > 1, each image is the best
@@ -236,11 +237,11 @@ class TextToImagePipeline:
         by that and the prior's likelihood of its codes together (`"contrastive+likelihood"`). Sampling
         arguments left out (None) take the pipeline's defaults, `self.sampling`.
 
-        With `image` (a PIL image or a path to one), every image completes that one: it keeps the top
-        `keep_rows` rows of the image's codes (default: half of them) and the prior draws the rest for the
-        prompt. The kept part comes back as the tokenizer draws it."""
+        With `image` (a PIL image or a path to one, or a list of them, one per prompt), every image completes
+        its prompt's: it keeps the top `keep_rows` rows of the image's codes (default: half of them) and the
+        prior draws the rest for the prompt. The kept part comes back as the tokenizer draws it."""
         prompts = clean_prompts(prompt)
-        kept = self._kept_codes(image, keep_rows)
+        kept = self._kept_codes(image, keep_rows, len(prompts))
         given = {
             "guidance_scale": guidance_scale,
             "temperature": temperature,
@@ -261,6 +262,8 @@ class TextToImagePipeline:
 
         per_image = [p for p in prompts for _ in range(num_images_per_prompt)]
         samples = [p for p in per_image for _ in range(num_candidates)]
+        if kept is not None:
+            kept = kept.repeat_interleave(num_images_per_prompt * num_candidates, dim=0)  # one row per sample
         codes, pixels, scores, log_likelihoods = [], [], [], []
         for start in tqdm(range(0, len(samples), batch_size), desc="generating", disable=not show_progress):
             texts = samples[start : start + batch_size]
@@ -268,7 +271,7 @@ class TextToImagePipeline:
             batch_codes, batch_log_likelihoods = self.prior.generate(
                 features, mask, temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale,
                 generator=generator, show_progress=show_progress, return_log_likelihood=True,
-                prefix_codes=None if kept is None else kept.expand(len(texts), -1),
+                prefix_codes=None if kept is None else kept[start : start + batch_size],
             )  # fmt: skip
             images = self.vqvae.decode(batch_codes)
             codes.append(batch_codes)
@@ -285,8 +288,8 @@ class TextToImagePipeline:
             self._convert(pixels_t, output_type), codes_t, scores_t.float().cpu(), log_likelihoods_t.cpu(), per_image
         )
 
-    def _kept_codes(self, image: Image.Image | str | os.PathLike | None, keep_rows: int | None) -> torch.Tensor | None:
-        """(1, keep_rows * grid) codes of the top rows of `image`, or None without one."""
+    def _kept_codes(self, image: object, keep_rows: int | None, count: int) -> torch.Tensor | None:
+        """(count, keep_rows * grid) codes of the top rows of each prompt's image, or None without images."""
         if image is None:
             if keep_rows is not None:
                 raise ValueError("keep_rows needs an image to complete")
@@ -297,12 +300,19 @@ class TextToImagePipeline:
             raise ValueError(
                 f"keep_rows must be an integer from 1 to {grid - 1} (codes have {grid} rows), got {keep_rows!r}"
             )
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        if len(images) not in (1, count):
+            raise ValueError(f"got {len(images)} images for {count} prompts: give one image, or one per prompt")
+        pixels = torch.stack([self._image_pixels(one) for one in images]).to(self.device)
+        return self.vqvae.encode(pixels)[:, :keep_rows].flatten(1).expand(count, -1)
+
+    def _image_pixels(self, image: object) -> torch.Tensor:
+        """(3, R, R) in [-1, 1] from a PIL image or a path to one, resized and center-cropped as training data."""
         if isinstance(image, (str, os.PathLike)):
             image = load_image(image)
         if not isinstance(image, Image.Image):
             raise ValueError(f"image must be a PIL image or the path to one, got {type(image).__name__}")
-        pixels = to_tensor(resize_center_crop(to_rgb(image), self.vqvae.config.resolution))
-        return self.vqvae.encode(pixels[None].to(self.device))[:, :keep_rows].flatten(1)
+        return to_tensor(resize_center_crop(to_rgb(image), self.vqvae.config.resolution))
 
     def _warn_if_truncated(self, prompts: list[str]) -> None:
         length = self.contrastive.config.context_length

@@ -185,6 +185,11 @@ def test_completion_keeps_the_top_rows_of_the_image(pipe, tmp_path):
         assert out.codes.shape == (4, 8, 8)
         assert (out.codes[:, :3] == codes[:, :3]).all()
     assert any(not torch.equal(out.codes[0, 3:], other[3:]) for other in out.codes[1:])  # the rest is sampled
+    flipped = picture.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    each = pipe(["a blue ball", "a red star"], image=[picture, flipped], keep_rows=3, num_images_per_prompt=2,
+                num_candidates=2, generator=_gen(), show_progress=False, batch_size=3)  # fmt: skip
+    for rows, source in ((slice(0, 2), picture), (slice(2, 4), flipped)):  # each prompt completes its own image
+        assert (each.codes[rows, :3] == pipe.vqvae.encode(to_tensor(source)[None])[:, :3]).all()
     wide = picture.resize((40, 30))  # any size is resized and center-cropped, as training data is
     default = pipe("a blue ball", image=wide, generator=_gen(), show_progress=False)
     resized = pipe.vqvae.encode(to_tensor(resize_center_crop(wide, 16))[None])
@@ -196,13 +201,16 @@ def test_completion_keeps_the_top_rows_of_the_image(pipe, tmp_path):
     [({"keep_rows": 2}, "needs an image"), ({"image": "PIC", "keep_rows": 0}, "from 1 to 7"),
      ({"image": "PIC", "keep_rows": 8}, "from 1 to 7"), ({"image": "PIC", "keep_rows": 2.5}, "integer"),
      ({"image": "PIC", "keep_rows": True}, "integer"), ({"image": 3}, "PIL image or the path"),
-     ({"image": "/no/such/picture.png"}, "missing image")],
+     ({"image": "/no/such/picture.png"}, "missing image"), ({"image": ["PIC", "PIC"]}, "2 images for 1 prompts")],
 )  # fmt: skip
 def test_bad_completion_arguments_get_a_clear_error(pipe, kwargs, message):
     from PIL import Image
 
+    red = Image.new("RGB", (16, 16), "red")
     if kwargs.get("image") == "PIC":
-        kwargs["image"] = Image.new("RGB", (16, 16), "red")
+        kwargs["image"] = red
+    if kwargs.get("image") == ["PIC", "PIC"]:
+        kwargs["image"] = [red, red]
     with pytest.raises(ValueError, match=message):
         pipe("a blue ball", show_progress=False, **kwargs)
 

@@ -297,9 +297,11 @@ class Prior(PretrainedModel):
         codes[:, : given.shape[1]] = given
         positions = self._code_positions()
         rows = prefix.shape[0]
-        allowed = self._attention_mask(torch.cat([prefix_mask, prefix_mask.new_ones(rows, c.num_codes)], dim=1))
-        # additive, built once: attention would otherwise convert a boolean mask in every layer at every step
-        mask = torch.zeros(allowed.shape, dtype=prefix.dtype, device=prefix.device).masked_fill(~allowed, float("-inf"))
+        key_mask = torch.cat([prefix_mask, prefix_mask.new_ones(rows, c.num_codes)], dim=1)  # (rows, all positions)
+        # a cached step's one query may see every key so far but padding: an additive (rows, 1, 1, keys) mask,
+        # built once (attention would otherwise convert a boolean mask in every layer at every step)
+        padding = torch.zeros(key_mask.shape, dtype=prefix.dtype, device=prefix.device)
+        padding = padding.masked_fill(~key_mask, float("-inf"))[:, None, None]
         cache = None
         if use_cache:
             head_dim = c.dim // c.heads
@@ -324,11 +326,10 @@ class Prior(PretrainedModel):
             for step in tqdm(steps, desc="sampling codes", disable=not show_progress, leave=False):
                 if cache is None or cache.length == 0:  # the prefix, the start token and any given codes at once
                     x = torch.cat([prefix, embed(0, step + 1)], dim=1)
-                    n = x.shape[1]
-                    logits = self._run(x, mask[:, :, :n, :n], cache)[:, -1]
+                    logits = self._run(x, self._attention_mask(key_mask[:, : x.shape[1]]), cache)[:, -1]
                 else:
                     n = cache.length
-                    logits = self._run(embed(step, step + 1), mask[:, :, n : n + 1, : n + 1], cache)[:, -1]
+                    logits = self._run(embed(step, step + 1), padding[..., : n + 1], cache)[:, -1]
                 logits = cond = logits.float()
                 if guided:
                     cond, uncond = logits[:b], logits[b:]

@@ -19,14 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
-import torch
 
 from corpora.shapes import COLORS, SEEN, SHAPES, Scene, render, triple_prompt
-from corpora.shapes_judge import load_judge
-from pipelines.text_to_image import DEMO_MODEL, TextToImagePipeline
+from corpora.shapes_judge import JudgeScore
+from pipelines.text_to_image import DEMO_MODEL
+
+sys.path.insert(0, str(Path(__file__).parent))
+from generation_quality import judged, load_pipeline_and_judge  # noqa: E402
 
 
 def main() -> None:
@@ -40,9 +44,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds the compositions, the sources and the sampling")
     args = parser.parse_args()
 
-    pipe = TextToImagePipeline.from_pretrained(args.model).to(args.device)
-    pipe.sampling["num_candidates"] = args.num_candidates
-    judge = load_judge(device=args.device)
+    pipe, judge = load_pipeline_and_judge(args.model, args.device, args.num_candidates)
     resolution = pipe.vqvae.config.resolution
     rng, pick = np.random.default_rng(args.seed), random.Random(args.seed)
     targets = pick.sample(sorted(SEEN), args.num_prompts)
@@ -59,25 +61,17 @@ def main() -> None:
         sources.append(render(scene, resolution, rng))
         source_scenes.append(scene)
 
-    def judged(**settings):
-        out = pipe(
-            prompts,
-            num_images_per_prompt=args.images_per_prompt,
-            generator=torch.Generator(args.device).manual_seed(args.seed),
-            show_progress=False,
-            batch_size=256,
-            **settings,
-        )
-        return judge.score(out.prompts, out.images)
+    def judged_pictures(**settings) -> JudgeScore:
+        return judged(pipe, judge, prompts, args.images_per_prompt, args.device, args.seed, **settings)
 
     start = time.perf_counter()
-    completed = judged(image=sources, keep_rows=args.keep_rows)
+    completed = judged_pictures(image=sources, keep_rows=args.keep_rows)
     per_image = [scene for scene in source_scenes for _ in range(args.images_per_prompt)]
     readings = zip(completed.readings, per_image, strict=True)
     copied = [read["color"] == scene.color and read["shape"] == scene.shape for read, scene in readings]
     result = {
         "completion": completed.match_rate,
-        "plain": judged().match_rate,
+        "plain": judged_pictures().match_rate,
         "source_kept": sum(copied) / len(copied),
         "keep_rows": args.keep_rows,
         "prompts": len(prompts),

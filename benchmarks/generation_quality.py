@@ -22,7 +22,7 @@ import time
 import torch
 
 from corpora.shapes import HELDOUT, SEEN, triple_prompt
-from corpora.shapes_judge import load_judge
+from corpora.shapes_judge import JudgeScore, ShapesJudge, load_judge
 from pipelines.text_to_image import DEMO_MODEL, TextToImagePipeline
 
 BENCHMARK_SEED = 0  # picks the seen compositions; benchmarks/sampling_sweep.py tunes on others
@@ -33,8 +33,15 @@ def seen_compositions(count: int) -> list[tuple[str, str, str]]:
     return random.Random(BENCHMARK_SEED).sample(sorted(SEEN), count)
 
 
-def match_rate(pipe, judge, prompts: list[str], per_prompt: int, device: str, seed: int, **settings) -> float:
-    """The fraction of pictures in which the judge finds every attribute their prompt names."""
+def load_pipeline_and_judge(model: str, device: str, num_candidates: int) -> tuple[TextToImagePipeline, ShapesJudge]:
+    """The pipeline, keeping the best of `num_candidates` samples per picture, and the shapes-world judge."""
+    pipe = TextToImagePipeline.from_pretrained(model).to(device)
+    pipe.sampling["num_candidates"] = num_candidates
+    return pipe, load_judge(device=device)
+
+
+def judged(pipe, judge, prompts: list[str], per_prompt: int, device: str, seed: int, **settings) -> JudgeScore:
+    """The judge's verdicts on `per_prompt` pictures generated for each prompt."""
     out = pipe(
         prompts,
         num_images_per_prompt=per_prompt,
@@ -43,7 +50,12 @@ def match_rate(pipe, judge, prompts: list[str], per_prompt: int, device: str, se
         batch_size=256,
         **settings,
     )
-    return judge.score(out.prompts, out.images).match_rate
+    return judge.score(out.prompts, out.images)
+
+
+def match_rate(pipe, judge, prompts: list[str], per_prompt: int, device: str, seed: int, **settings) -> float:
+    """The fraction of pictures in which the judge finds every attribute their prompt names."""
+    return judged(pipe, judge, prompts, per_prompt, device, seed, **settings).match_rate
 
 
 def main() -> None:
@@ -56,9 +68,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds the sampling")
     args = parser.parse_args()
 
-    pipe = TextToImagePipeline.from_pretrained(args.model).to(args.device)
-    pipe.sampling["num_candidates"] = args.num_candidates
-    judge = load_judge(device=args.device)
+    pipe, judge = load_pipeline_and_judge(args.model, args.device, args.num_candidates)
     seen = [triple_prompt(*t) for t in seen_compositions(args.num_seen)]
     heldout = [triple_prompt(*t) for t in sorted(HELDOUT)]
     n = args.images_per_prompt

@@ -38,7 +38,7 @@ train prior.train "$RUNS/prior" --train_data_dir "$DATA" --preset small --vqvae 
 
 # Default sampling settings, chosen by benchmarks/sampling_sweep.py on prompts the benchmarks never use.
 "$BIN/vqclip" assemble --vqvae "$RUNS/vqvae" --contrastive "$RUNS/contrastive" --prior "$RUNS/prior" --out "$OUT" \
-    --dtype float16 --sampling '{"guidance_scale": 1, "temperature": 0.7, "rerank": "contrastive+likelihood"}'
+    --dtype float16 --sampling '{"guidance_scale": 1, "temperature": 0.7, "num_candidates": 8, "rerank": "contrastive+likelihood"}'
 "$BIN/python" benchmarks/sampling_sweep.py --model "$OUT" --device "$DEVICE"
 "$BIN/python" benchmarks/vqvae_quality.py --model "$OUT/vqvae" --data "$DATA"
 "$BIN/python" benchmarks/contrastive_quality.py --model "$OUT/contrastive" --shapes-data "$DATA"

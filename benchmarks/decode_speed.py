@@ -3,20 +3,24 @@ the cost of classifier-free guidance, and seconds per image for several code cou
 
     python benchmarks/decode_speed.py                  # dim 256, 4 layers, 8 heads, 32 text positions, batch 4
 
-Times are medians of `--repeats` calls; the two settings of each comparison take turns, so that drift in the
-machine's speed does not bias their ratio. Ends with one JSON line with keys `cached_s`, `recompute_s`, `speedup`,
-`cfg_overhead` and `s_per_image` (a map from code count to seconds per image, cached, with guidance).
+Times are medians of `--repeats` calls; the settings of each comparison take turns, so that drift in the
+machine's speed does not bias their ratio. Ends with one JSON line with keys `cached_s`, `recompute_s`,
+`speedup`, `cfg_overhead`, `s_per_image` (a map from code count to seconds per image, cached, with guidance)
+and `cached_plain_s`: the cached path with plain `F.linear` products instead of weights reordered for the
+batch (prior/prepack.py; the same thing where reordering does not apply, e.g. on a GPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
 
 import torch
 
+from prior import prepack
 from prior.model import Prior, PriorConfig
 
 
@@ -54,11 +58,12 @@ def main() -> None:
         torch.manual_seed(0)
         return Prior(config).to(args.device, dtype).eval()
 
-    def sampler(model: Prior, **kwargs):
+    def sampler(model: Prior, plain_products: bool = False, **kwargs):
         text = torch.randn(args.batch, args.text_length, args.dim, device=args.device, dtype=dtype)
 
         def sample() -> None:
-            model.generate(text, generator=torch.Generator(args.device).manual_seed(0), **kwargs)
+            with prepack.switched_off() if plain_products else contextlib.nullcontext():
+                model.generate(text, generator=torch.Generator(args.device).manual_seed(0), **kwargs)
 
         return sample
 
@@ -76,7 +81,14 @@ def main() -> None:
 
     model = model_for(16)  # 256 codes
     cached = sampler(model, guidance_scale=1.0)
-    speed = medians({"cached": cached, "recompute": sampler(model, guidance_scale=1.0, use_cache=False)}, args.repeats)
+    speed = medians(
+        {
+            "cached": cached,
+            "recompute": sampler(model, guidance_scale=1.0, use_cache=False),
+            "cached_plain": sampler(model, plain_products=True, guidance_scale=1.0),
+        },
+        args.repeats,
+    )
     guidance = medians({"cached": cached, "guided": sampler(model, guidance_scale=3.0)}, args.repeats)
     cached, recompute = speed["cached"], speed["recompute"]
     per_image = {}
@@ -87,6 +99,7 @@ def main() -> None:
         "cached_s": round(cached, 3),
         "recompute_s": round(recompute, 3),
         "speedup": round(recompute / cached, 1),
+        "cached_plain_s": round(speed["cached_plain"], 3),
         "cfg_overhead": round(guidance["guided"] / guidance["cached"], 2),
         "s_per_image": per_image,
         "batch": args.batch,

@@ -27,6 +27,20 @@ def reorder(weight: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
 
 
+_switched_off = False
+
+
+@contextmanager
+def switched_off() -> Iterator[None]:
+    """Within the block, `prepacked` does nothing: to compare against the plain products."""
+    global _switched_off
+    before, _switched_off = _switched_off, True
+    try:
+        yield
+    finally:
+        _switched_off = before
+
+
 @functools.cache
 def available() -> bool:
     """Whether this torch multiplies by a reordered weight exactly as `F.linear` does (checked once)."""
@@ -57,7 +71,8 @@ def prepacked(model: nn.Module, rows: int) -> Iterator[None]:
     """Within the block, every `Linear` of `model` uses a copy of its weight reordered for inputs of `rows` rows
     (any row count still works). Meant for inference: the copies do not follow changes to the weights."""
     layers = [m for m in model.modules() if isinstance(m, Linear)]
-    usable = available() and all(m.weight.device.type == "cpu" and m.weight.dtype == torch.float32 for m in layers)
+    float32_on_cpu = all(m.weight.device.type == "cpu" and m.weight.dtype == torch.float32 for m in layers)
+    usable = float32_on_cpu and not _switched_off and available()
     if usable:
         for layer in layers:
             layer.packed = reorder(layer.weight, rows)

@@ -38,7 +38,7 @@ def test_other_dtypes_keep_the_plain_product():
 
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
-def test_generation_draws_the_same_codes_with_and_without_reordered_weights(monkeypatch, guidance_scale):
+def test_generation_draws_the_same_codes_with_and_without_reordered_weights(guidance_scale):
     torch.manual_seed(0)
     model = Prior(PRESETS["tiny"]).eval()
     features = torch.randn(3, model.config.text_length, model.config.text_width)
@@ -47,5 +47,14 @@ def test_generation_draws_the_same_codes_with_and_without_reordered_weights(monk
         return model.generate(features, guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(0))
 
     reordered = sample()
-    monkeypatch.setattr(prepack, "available", lambda: False)
-    assert torch.equal(reordered, sample())
+    with prepack.switched_off():
+        assert torch.equal(reordered, sample())
+
+
+@needs_onednn
+def test_switched_off_keeps_the_plain_product():
+    layer = Linear(4, 4)
+    with prepack.switched_off(), prepacked(layer, rows=2):
+        assert layer.packed is None
+    with prepacked(layer, rows=2):
+        assert layer.packed is not None

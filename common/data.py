@@ -176,6 +176,16 @@ def to_tensor(pixels: np.ndarray | Image.Image) -> torch.Tensor:
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous().float().div_(127.5).sub_(1.0)
 
 
+def image_pixels(image: Image.Image | str | os.PathLike, resolution: int) -> torch.Tensor:
+    """(3, R, R) in [-1, 1] from a PIL image or the path to one, made RGB, resized and center-cropped as
+    training images are; raises `BadImage` for an unusable file and ValueError for anything else."""
+    if isinstance(image, (str, os.PathLike)):
+        image = load_image(image)
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"image must be a PIL image or the path to one, got {type(image).__name__}")
+    return to_tensor(resize_center_crop(to_rgb(image), resolution))
+
+
 # ---------------------------------------------------------------- configuration
 
 

@@ -38,11 +38,8 @@ from common.data import (
     BadImage,
     DataConfig,
     SkipReport,
-    load_image,
+    image_pixels,
     load_image_text,
-    resize_center_crop,
-    to_rgb,
-    to_tensor,
 )
 from common.hub import CONFIG_NAME, ModelLoadError, atomic_write_files, read_json, save_state_dict
 
@@ -144,7 +141,7 @@ def _item_reader(collection: Any, resolution: int) -> Callable[[int], tuple[torc
     if isinstance(collection, list):
 
         def read_file(i: int) -> tuple[torch.Tensor, str, str]:
-            return to_tensor(resize_center_crop(load_image(collection[i]), resolution)), str(collection[i]), ""
+            return image_pixels(collection[i], resolution), str(collection[i]), ""
 
         return read_file
 
@@ -315,8 +312,7 @@ class ImageIndex:
                 raise ValueError("the query is empty: give some text to search for")
             embedding = model.encode_text([query.strip()]).float().cpu()[0]
         elif isinstance(query, (Image.Image, os.PathLike)):
-            image = to_rgb(query) if isinstance(query, Image.Image) else load_image(query)
-            pixels = to_tensor(resize_center_crop(image, model.config.resolution))[None]
+            pixels = image_pixels(query, model.config.resolution)[None]
             embedding = self._encode_images(pixels, [str(query)])[0]
         else:
             raise ValueError(f"a query is a str (text), a PIL image or a pathlib.Path, not {type(query).__name__}")

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from common.data import load_image, resize_center_crop, to_rgb, to_tensor
+from common.data import image_pixels
 from common.grid import to_pil, to_uint8
 from common.hub import CONFIG_NAME, ModelLoadError, atomic_write_text, read_json
 from contrastive.model import ContrastiveModel
@@ -303,16 +303,9 @@ class TextToImagePipeline:
         images = list(image) if isinstance(image, (list, tuple)) else [image]
         if len(images) not in (1, count):
             raise ValueError(f"got {len(images)} images for {count} prompts: give one image, or one per prompt")
-        pixels = torch.stack([self._image_pixels(one) for one in images]).to(self.device)
+        resolution = self.vqvae.config.resolution
+        pixels = torch.stack([image_pixels(one, resolution) for one in images]).to(self.device)
         return self.vqvae.encode(pixels)[:, :keep_rows].flatten(1).expand(count, -1)
-
-    def _image_pixels(self, image: object) -> torch.Tensor:
-        """(3, R, R) in [-1, 1] from a PIL image or a path to one, resized and center-cropped as training data."""
-        if isinstance(image, (str, os.PathLike)):
-            image = load_image(image)
-        if not isinstance(image, Image.Image):
-            raise ValueError(f"image must be a PIL image or the path to one, got {type(image).__name__}")
-        return to_tensor(resize_center_crop(to_rgb(image), self.vqvae.config.resolution))
 
     def _warn_if_truncated(self, prompts: list[str]) -> None:
         length = self.contrastive.config.context_length

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from common.data import load_image, resize_center_crop, to_tensor
+from common.data import image_pixels
 from common.grid import make_grid, to_pil
 from common.metrics import psnr
 
@@ -20,8 +20,7 @@ def reconstruct(model_dir: str, images: list[str], out: str | None = None) -> li
     resolution = model.config.resolution
     written = []
     for name in images:
-        image = resize_center_crop(load_image(name), resolution)
-        pixels = to_tensor(image)[None]
+        pixels = image_pixels(name, resolution)[None]
         with torch.no_grad():
             codes = model.encode(pixels)
             reconstruction = model.decode(codes)

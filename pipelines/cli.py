@@ -53,6 +53,7 @@ def _generate(args: argparse.Namespace) -> None:
     from common.grid import make_grid
     from pipelines.text_to_image import TextToImagePipeline
 
+    source = load_image(args.image) if args.image else None  # read once: completed, and shown in the grid
     pipe = TextToImagePipeline.from_pretrained(args.model).to(args.device)
     generator = torch.Generator(args.device).manual_seed(args.seed)
     out = pipe(
@@ -65,14 +66,13 @@ def _generate(args: argparse.Namespace) -> None:
         num_candidates=args.num_candidates,
         rerank=args.rerank,
         generator=generator,
-        image=args.image,
+        image=source,
         keep_rows=args.keep_rows,
     )
     images = list(out.images)
     labels = [f"{score:.2f} {prompt}" for score, prompt in zip(out.scores.tolist(), out.prompts, strict=True)]
     columns = args.num_images
-    if args.image:  # each row starts with the image it completes
-        source = load_image(args.image)
+    if source is not None:  # each row starts with the image it completes
         for row in reversed(range(0, len(images), columns)):
             images.insert(row, source)
             labels.insert(row, "completes this")

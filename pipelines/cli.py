@@ -116,7 +116,9 @@ def _add_generate_cli(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--num-candidates", type=int, help="sample this many per image, keep the best")
-    gen.add_argument("--rerank", help="how the best candidate is chosen: contrastive or contrastive+likelihood")
+    gen.add_argument(
+        "--rerank", help="how the best candidate is chosen: contrastive, contrastive+likelihood or contrastive-null"
+    )
     gen.add_argument("--image", help="complete this image: keep its top rows, draw the rest for each prompt")
     gen.add_argument("--keep-rows", type=int, help="with --image: rows of codes kept (default: half)")
     gen.epilog = 'Sampling flags left out take the model\'s defaults (the "sampling" entry of its pipeline.json).'

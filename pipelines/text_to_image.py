@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -43,9 +44,11 @@ SAMPLING_DEFAULTS = {
     "num_candidates": 1,
     "rerank": "contrastive",
 }
-# How the best of `num_candidates` samples is chosen: by contrastive score alone (as DALL-E did), or by the sum
-# of its standing among its group's candidates (z-score) in contrastive score and in the prior's likelihood.
-RERANKERS = ("contrastive", "contrastive+likelihood")
+# How the best of `num_candidates` samples is chosen: by contrastive score alone (as DALL-E did); by the sum of
+# its standing among its group's candidates (z-score) in contrastive score and in the prior's likelihood; or by
+# how much more it matches its prompt than the empty prompt (contrastive score less the null score), so that a
+# picture that would score well against any caption does not win.
+RERANKERS = ("contrastive", "contrastive+likelihood", "contrastive-null")
 
 
 def check_count(name: str, value: object) -> None:
@@ -71,11 +74,17 @@ def check_sampling(sampling: object, codebook_size: int) -> dict:
 
 
 def best_candidates(
-    scores: torch.Tensor, log_likelihoods: torch.Tensor, num_candidates: int, rerank: str
+    scores: torch.Tensor,
+    null_scores: torch.Tensor,
+    log_likelihoods: torch.Tensor,
+    num_candidates: int,
+    rerank: str,
 ) -> torch.Tensor:
     """Index of the kept sample of each consecutive group of `num_candidates`, by the `rerank` rule."""
     groups = scores.float().view(-1, num_candidates)
-    if rerank == "contrastive+likelihood":
+    if rerank == "contrastive-null":
+        groups = groups - null_scores.float().view(-1, num_candidates).to(groups.device)
+    elif rerank == "contrastive+likelihood":
 
         def standing(values: torch.Tensor) -> torch.Tensor:
             return (values - values.mean(1, keepdim=True)) / (values.std(1, keepdim=True) + 1e-6)
@@ -89,6 +98,7 @@ class TextToImageOutput:
     images: list[Image.Image] | np.ndarray | torch.Tensor  # one per (prompt, image), prompt-major
     codes: torch.Tensor  # (B, h, w)
     scores: torch.Tensor  # (B,) contrastive similarity of each image with its prompt
+    null_scores: torch.Tensor  # (B,) contrastive similarity of each image with the empty prompt
     log_likelihoods: torch.Tensor  # (B,) mean log-probability of each image's codes under the prior (nats)
     prompts: list[str]  # the prompt of each image
 
@@ -233,8 +243,9 @@ class TextToImagePipeline:
         keep_rows: int | None = None,
     ) -> TextToImageOutput:
         """Generate `num_images_per_prompt` images per prompt. With `num_candidates` > 1, each image is the best
-        of that many samples (reranking): by contrastive similarity to its prompt (`rerank="contrastive"`), or
-        by that and the prior's likelihood of its codes together (`"contrastive+likelihood"`). Sampling
+        of that many samples (reranking): by contrastive similarity to its prompt (`rerank="contrastive"`), by
+        that and the prior's likelihood of its codes together (`"contrastive+likelihood"`), or by that less
+        its similarity to the empty prompt (`"contrastive-null"`). Sampling
         arguments left out (None) take the pipeline's defaults, `self.sampling`.
 
         With `image` (a PIL image or a path to one, or a list of them, one per prompt), every image completes
@@ -264,7 +275,8 @@ class TextToImagePipeline:
         samples = [p for p in per_image for _ in range(num_candidates)]
         if kept is not None:
             kept = kept.repeat_interleave(num_images_per_prompt * num_candidates, dim=0)  # one row per sample
-        codes, pixels, scores, log_likelihoods = [], [], [], []
+        codes, pixels, scores, null_scores, log_likelihoods = [], [], [], [], []
+        null_text = self.contrastive.encode_text([""])
         for start in tqdm(range(0, len(samples), batch_size), desc="generating", disable=not show_progress):
             texts = samples[start : start + batch_size]
             features, mask = self.contrastive.text_token_features(texts)
@@ -276,16 +288,22 @@ class TextToImagePipeline:
             images = self.vqvae.decode(batch_codes)
             codes.append(batch_codes)
             pixels.append(images)
-            scores.append(self.contrastive.similarity(images, texts))
+            embedded = self.contrastive.encode_image(images)
+            scores.append(F.cosine_similarity(embedded, self.contrastive.encode_text(texts), dim=-1))
+            null_scores.append(F.cosine_similarity(embedded, null_text, dim=-1))
             log_likelihoods.append(batch_log_likelihoods)
-        codes_t, pixels_t, scores_t, log_likelihoods_t = map(torch.cat, (codes, pixels, scores, log_likelihoods))
+        results = [torch.cat(values) for values in (codes, pixels, scores, null_scores, log_likelihoods)]
         if num_candidates > 1:  # keep the best candidate of each group
-            best = best_candidates(scores_t, log_likelihoods_t, num_candidates, rerank)
-            codes_t, pixels_t, scores_t, log_likelihoods_t = (
-                values[best.to(values.device)] for values in (codes_t, pixels_t, scores_t, log_likelihoods_t)
-            )
+            best = best_candidates(*results[2:], num_candidates=num_candidates, rerank=rerank)
+            results = [values[best.to(values.device)] for values in results]
+        codes_t, pixels_t, scores_t, null_scores_t, log_likelihoods_t = results
         return TextToImageOutput(
-            self._convert(pixels_t, output_type), codes_t, scores_t.float().cpu(), log_likelihoods_t.cpu(), per_image
+            self._convert(pixels_t, output_type),
+            codes_t,
+            scores_t.float().cpu(),
+            null_scores_t.float().cpu(),
+            log_likelihoods_t.cpu(),
+            per_image,
         )
 
     def _kept_codes(self, image: object, keep_rows: int | None, count: int) -> torch.Tensor | None:

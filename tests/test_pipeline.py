@@ -55,12 +55,25 @@ def test_reranking_keeps_the_best_candidate(pipe):
     assert torch.equal(best.codes[0], all_four.codes[winner])
 
 
-def test_reranking_by_contrastive_score_and_likelihood_together():
+def test_reranking_rules():
     scores = torch.tensor([0.9, 0.8, 0.1, 0.3, 0.29, 0.1])
+    null_scores = torch.tensor([0.2, 0.3, 0.0, 0.25, 0.1, 0.0])
     log_likelihoods = torch.tensor([-9.0, -1.0, -1.5, -5.0, -1.0, -1.2])
-    assert best_candidates(scores, log_likelihoods, 3, "contrastive").tolist() == [0, 3]
+    assert best_candidates(scores, null_scores, log_likelihoods, 3, "contrastive").tolist() == [0, 3]
     # in each group the first sample is a little the most similar, but by far the least likely
-    assert best_candidates(scores, log_likelihoods, 3, "contrastive+likelihood").tolist() == [1, 4]
+    assert best_candidates(scores, null_scores, log_likelihoods, 3, "contrastive+likelihood").tolist() == [1, 4]
+    # in the second group the first sample matches the empty prompt nearly as well as its own
+    assert best_candidates(scores, null_scores, log_likelihoods, 3, "contrastive-null").tolist() == [0, 4]
+
+
+def test_null_scores_are_similarities_with_the_empty_prompt(pipe):
+    out = pipe(["a blue ball", "a red star"], output_type="pt", generator=_gen(), show_progress=False)
+    with torch.no_grad():
+        embedded = pipe.contrastive.encode_image(out.images)
+        empty = pipe.contrastive.encode_text([""])
+    assert torch.allclose(out.null_scores, (embedded * empty).sum(-1), atol=1e-5)
+    assert torch.allclose(out.scores, pipe.contrastive.similarity(out.images, out.prompts), atol=1e-5)
+    assert not torch.allclose(out.scores, out.null_scores)
 
 
 def test_reranking_setting_picks_among_the_same_candidates(pipe):
@@ -69,7 +82,7 @@ def test_reranking_setting_picks_among_the_same_candidates(pipe):
 
     all_six = pipe("a blue ball", num_images_per_prompt=6, generator=_gen(4), show_progress=False)
     for rerank in RERANKERS:
-        kept = best_candidates(all_six.scores, all_six.log_likelihoods, 6, rerank)
+        kept = best_candidates(all_six.scores, all_six.null_scores, all_six.log_likelihoods, 6, rerank)
         assert torch.equal(best(rerank).codes[0], all_six.codes[kept[0]])
     with pytest.raises(ValueError, match="rerank"):
         best("judge")

@@ -7,9 +7,10 @@ generated picture.
 Prompts name a color, a shape and a background ("a red star on sand"): "a blue ball on grass" (32 images),
 100 seen compositions (4 images each) and every held-out composition (4 images each). Settings are the
 model's default sampling settings (its pipeline.json) with the best of `--num-candidates` samples per image;
-the seen prompts are also measured with guidance off, with no reranking, and reranked by contrastive score
-alone. Ends with one JSON line with keys `blue_ball_on_grass`, `seen`, `heldout`, `seen_no_guidance`,
-`seen_no_rerank`, `seen_rerank_contrastive` and the settings used.
+the seen prompts are also measured with guidance off, with no reranking, and with each other reranker
+(`seen_rerank_<name>`; the same candidates, picked otherwise). Ends with one JSON line with keys
+`blue_ball_on_grass`, `seen`, `heldout`, `seen_no_guidance`, `seen_no_rerank`, `seen_rerank_<name>` and the
+settings used.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 from corpora.shapes import HELDOUT, SEEN, triple_prompt
 from corpora.shapes_judge import JudgeScore, ShapesJudge, load_judge
-from pipelines.text_to_image import DEMO_MODEL, TextToImagePipeline
+from pipelines.text_to_image import DEMO_MODEL, RERANKERS, TextToImagePipeline
 
 BENCHMARK_SEED = 0  # picks the seen compositions; benchmarks/sampling_sweep.py tunes on others
 
@@ -83,8 +84,10 @@ def main() -> None:
         "heldout": rate(heldout, n),
         "seen_no_guidance": rate(seen, n, guidance_scale=1.0),
         "seen_no_rerank": rate(seen, n, num_candidates=1),
-        "seen_rerank_contrastive": rate(seen, n, rerank="contrastive"),
     }
+    for rerank in RERANKERS:
+        if rerank != pipe.sampling["rerank"]:
+            result[f"seen_rerank_{rerank}"] = rate(seen, n, rerank=rerank)
     result.update(
         **pipe.sampling,
         seen_prompts=len(seen),

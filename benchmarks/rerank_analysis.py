@@ -2,31 +2,41 @@
 
     python benchmarks/rerank_analysis.py                                  # "a blue ball on grass", seed 0
     python benchmarks/rerank_analysis.py --prompt "a green star on grass" --seed 1
+    python benchmarks/rerank_analysis.py --sweep-prompts --images 9 --seed 1   # sampling_sweep.py's 40 prompts
 
-Draws `--images` groups of `--num-candidates` samples for one shapes-world prompt at the model's default
+Draws `--images` groups of `--num-candidates` samples for each shapes-world prompt at the model's default
 sampling settings, lets the judge check every sample, and reports: the match rate of single samples, the best
 possible pick (a group counts if any of its samples matches), what the first sample and each reranker pick,
-and the mean contrastive score and mean log-likelihood of matching and non-matching samples. With seed 0 the
-samples are those `generation_quality.py` reranks for "a blue ball on grass". Ends with one JSON line.
+and the mean contrastive score (with the prompt, and with the empty prompt) and mean log-likelihood of
+matching and non-matching samples. With seed 0 the samples are those `generation_quality.py` reranks for
+"a blue ball on grass". `disagreements` counts, for the model's default reranker against each other one, the
+groups where only the default picks a match and those where only the other does. Ends with one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from corpora.shapes_judge import load_judge
 from pipelines.text_to_image import DEMO_MODEL, RERANKERS, TextToImagePipeline, best_candidates
 
+sys.path.insert(0, str(Path(__file__).parent))
+from sampling_sweep import sweep_prompts  # noqa: E402
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(DEMO_MODEL), help="a pipeline folder (default: the released demo)")
-    parser.add_argument("--prompt", default="a blue ball on grass")
-    parser.add_argument("--images", type=int, default=32, help="groups of candidates")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--prompt", default="a blue ball on grass")
+    which.add_argument("--sweep-prompts", action="store_true", help="sampling_sweep.py's 40 prompts instead")
+    parser.add_argument("--images", type=int, default=32, help="groups of candidates per prompt")
     parser.add_argument("--num-candidates", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
@@ -35,8 +45,9 @@ def main() -> None:
     pipe = TextToImagePipeline.from_pretrained(args.model).to(args.device)
     judge = load_judge(device=args.device)
     start = time.perf_counter()
+    prompts = sweep_prompts() if args.sweep_prompts else [args.prompt]
     out = pipe(
-        [args.prompt],
+        prompts,
         num_images_per_prompt=args.images * args.num_candidates,
         num_candidates=1,
         generator=torch.Generator(args.device).manual_seed(args.seed),
@@ -45,10 +56,16 @@ def main() -> None:
     )
     matches = torch.tensor(judge.score(out.prompts, out.images).matches)
     groups = matches.view(-1, args.num_candidates).float()
-    picked = {"first": groups[:, 0].mean().item()}
+    right = {"first": groups[:, 0].bool()}
     for rerank in RERANKERS:
-        picked[rerank] = matches[best_candidates(out.scores, out.log_likelihoods, args.num_candidates, rerank)]
-        picked[rerank] = picked[rerank].float().mean().item()
+        kept = best_candidates(out.scores, out.null_scores, out.log_likelihoods, args.num_candidates, rerank)
+        right[rerank] = matches[kept]
+    default = pipe.sampling["rerank"]
+    disagreements = {
+        other: [int((right[default] & ~right[other]).sum()), int((right[other] & ~right[default]).sum())]
+        for other in RERANKERS
+        if other != default
+    }
 
     def mean_by_match(values: torch.Tensor) -> dict[str, float | None]:
         return {
@@ -59,10 +76,13 @@ def main() -> None:
     result = {
         "per_sample": matches.float().mean().item(),
         "best_possible": groups.max(1).values.mean().item(),
-        "picked": picked,
+        "picked": {name: chosen.float().mean().item() for name, chosen in right.items()},
+        "disagreements": {"default": default, **disagreements},
         "mean_score": mean_by_match(out.scores),
+        "mean_null_score": mean_by_match(out.null_scores),
         "mean_log_likelihood": mean_by_match(out.log_likelihoods),
-        "prompt": args.prompt,
+        "prompt": None if args.sweep_prompts else args.prompt,
+        "prompts": len(prompts),
         "images": args.images,
         "num_candidates": args.num_candidates,
         "seed": args.seed,

@@ -58,6 +58,13 @@ def parse_grid(text: str) -> list[tuple[float, float, int | None, str | None]]:
     return grid
 
 
+def sweep_prompts() -> list[str]:
+    """The 40 seen compositions the sweep prompts with: never the generation benchmark's, nor the blue ball."""
+    excluded = set(seen_compositions(100)) | {("blue", "ball", "grass")}
+    chosen = random.Random(1).sample([t for t in sorted(SEEN) if t not in excluded], 40)
+    return [triple_prompt(*t) for t in chosen]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(DEMO_MODEL), help="a pipeline folder (default: the released demo)")
@@ -74,9 +81,7 @@ def main() -> None:
 
     pipe = TextToImagePipeline.from_pretrained(args.model).to(args.device)
     judge = load_judge(device=args.device)
-    excluded = set(seen_compositions(100)) | {("blue", "ball", "grass")}
-    chosen = random.Random(1).sample([t for t in sorted(SEEN) if t not in excluded], 40)
-    prompts = [triple_prompt(*t) for t in chosen]
+    prompts = sweep_prompts()
     start = time.perf_counter()
     result = {}
     default_rerank = pipe.sampling["rerank"]

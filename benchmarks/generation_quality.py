@@ -8,7 +8,8 @@ Prompts name a color, a shape and a background ("a red star on sand"): "a blue b
 100 seen compositions (4 images each) and every held-out composition (4 images each). Settings are the
 model's default sampling settings (its pipeline.json) with the best of `--num-candidates` samples per image;
 the seen prompts are also measured with guidance off, with no reranking, and with each other reranker
-(`seen_rerank_<name>`; the same candidates, picked otherwise). Ends with one JSON line with keys
+(`seen_rerank_<name>`: the seen prompts' candidates are drawn and judged once, and each reranker picks among
+them). Ends with one JSON line with keys
 `blue_ball_on_grass`, `seen`, `heldout`, `seen_no_guidance`, `seen_no_rerank`, `seen_rerank_<name>` and the
 settings used.
 """
@@ -24,7 +25,7 @@ import torch
 
 from corpora.shapes import HELDOUT, SEEN, triple_prompt
 from corpora.shapes_judge import JudgeScore, ShapesJudge, load_judge
-from pipelines.text_to_image import DEMO_MODEL, RERANKERS, TextToImagePipeline
+from pipelines.text_to_image import DEMO_MODEL, RERANKERS, TextToImageOutput, TextToImagePipeline, best_candidates
 
 BENCHMARK_SEED = 0  # picks the seen compositions; benchmarks/sampling_sweep.py tunes on others
 
@@ -59,6 +60,27 @@ def match_rate(pipe, judge, prompts: list[str], per_prompt: int, device: str, se
     return judged(pipe, judge, prompts, per_prompt, device, seed, **settings).match_rate
 
 
+def judged_candidates(
+    pipe, judge, prompts: list[str], per_prompt: int, num_candidates: int, device: str, seed: int
+) -> tuple[TextToImageOutput, torch.Tensor]:
+    """Every one of the `num_candidates` samples behind each of `per_prompt` pictures per prompt (the samples
+    `pipe(..., num_candidates=num_candidates)` reranks, in groups), and the judge's verdict on each (bool)."""
+    out = pipe(
+        prompts,
+        num_images_per_prompt=per_prompt * num_candidates,
+        num_candidates=1,
+        generator=torch.Generator(device).manual_seed(seed),
+        show_progress=False,
+        batch_size=256,
+    )
+    return out, torch.tensor(judge.score(out.prompts, out.images).matches)
+
+
+def picked_matches(out: TextToImageOutput, matches: torch.Tensor, num_candidates: int, rerank: str) -> torch.Tensor:
+    """Per group of candidates, whether the sample the `rerank` rule keeps matches."""
+    return matches[best_candidates(out.scores, out.null_scores, out.log_likelihoods, num_candidates, rerank)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(DEMO_MODEL), help="a pipeline folder (default: the released demo)")
@@ -78,16 +100,22 @@ def main() -> None:
         return match_rate(pipe, judge, prompts, per_prompt, args.device, args.seed, **settings)
 
     start = time.perf_counter()
+    # every reranker picks among the same candidates: draw and judge them once
+    candidates, matches = judged_candidates(pipe, judge, seen, n, args.num_candidates, args.device, args.seed)
+    seen_by = {
+        rerank: picked_matches(candidates, matches, args.num_candidates, rerank).double().mean().item()
+        for rerank in RERANKERS
+    }
+    default = pipe.sampling["rerank"]
+    guided = pipe.sampling["guidance_scale"] != 1
     result = {
         "blue_ball_on_grass": rate(["a blue ball on grass"], 32),
-        "seen": rate(seen, n),
+        "seen": seen_by[default],
         "heldout": rate(heldout, n),
-        "seen_no_guidance": rate(seen, n, guidance_scale=1.0),
+        "seen_no_guidance": rate(seen, n, guidance_scale=1.0) if guided else seen_by[default],
         "seen_no_rerank": rate(seen, n, num_candidates=1),
+        **{f"seen_rerank_{rerank}": value for rerank, value in seen_by.items() if rerank != default},
     }
-    for rerank in RERANKERS:
-        if rerank != pipe.sampling["rerank"]:
-            result[f"seen_rerank_{rerank}"] = rate(seen, n, rerank=rerank)
     result.update(
         **pipe.sampling,
         seen_prompts=len(seen),

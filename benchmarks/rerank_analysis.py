@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from corpora.shapes_judge import load_judge
-from pipelines.text_to_image import DEMO_MODEL, RERANKERS, TextToImagePipeline, best_candidates
+from pipelines.text_to_image import DEMO_MODEL, RERANKERS
 
 sys.path.insert(0, str(Path(__file__).parent))
+from generation_quality import judged_candidates, load_pipeline_and_judge, picked_matches  # noqa: E402
 from sampling_sweep import sweep_prompts  # noqa: E402
 
 
@@ -42,24 +42,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
-    pipe = TextToImagePipeline.from_pretrained(args.model).to(args.device)
-    judge = load_judge(device=args.device)
+    pipe, judge = load_pipeline_and_judge(args.model, args.device, args.num_candidates)
     start = time.perf_counter()
     prompts = sweep_prompts() if args.sweep_prompts else [args.prompt]
-    out = pipe(
-        prompts,
-        num_images_per_prompt=args.images * args.num_candidates,
-        num_candidates=1,
-        generator=torch.Generator(args.device).manual_seed(args.seed),
-        show_progress=False,
-        batch_size=256,
-    )
-    matches = torch.tensor(judge.score(out.prompts, out.images).matches)
+    out, matches = judged_candidates(pipe, judge, prompts, args.images, args.num_candidates, args.device, args.seed)
     groups = matches.view(-1, args.num_candidates).float()
     right = {"first": groups[:, 0].bool()}
-    for rerank in RERANKERS:
-        kept = best_candidates(out.scores, out.null_scores, out.log_likelihoods, args.num_candidates, rerank)
-        right[rerank] = matches[kept]
+    right.update({rerank: picked_matches(out, matches, args.num_candidates, rerank) for rerank in RERANKERS})
     default = pipe.sampling["rerank"]
     disagreements = {
         other: [int((right[default] & ~right[other]).sum()), int((right[other] & ~right[default]).sum())]

@@ -6,7 +6,8 @@
 
 For each setting in the grid, the judge's match rate on 40 seen compositions outside generation_quality.py's
 100 (and never "a blue ball on grass"), 3 pictures each (`--images-per-prompt`), best of 4 (`--num-candidates`),
-kept by the model's default reranker unless a setting names one. Ends with one JSON line mapping each setting
+kept by the model's default reranker unless a setting names one (settings that differ only in the reranker pick
+among the same candidates, drawn once). Ends with one JSON line mapping each setting
 ("guidance_scale/temperature/top_k[/rerank]") to its match rate. Write the winner into a pipeline with
 `vqclip assemble ... --sampling '{...}'`.
 """
@@ -25,7 +26,7 @@ from corpora.shapes_judge import load_judge
 from pipelines.text_to_image import DEMO_MODEL, RERANKERS, TextToImagePipeline
 
 sys.path.insert(0, str(Path(__file__).parent))
-from generation_quality import match_rate, seen_compositions  # noqa: E402
+from generation_quality import judged_candidates, picked_matches, seen_compositions  # noqa: E402
 
 DEFAULT_GRID = [  # (guidance_scale, temperature, top_k, rerank: None keeps the model's default)
     (3.0, 1.0, None, None),
@@ -85,12 +86,18 @@ def main() -> None:
     start = time.perf_counter()
     result = {}
     default_rerank = pipe.sampling["rerank"]
+    drawn = {}  # settings that differ only in the reranker pick among the same candidates: draw them once
     for guidance, temperature, top_k, rerank in args.grid:
-        settings = {"guidance_scale": guidance, "temperature": temperature, "top_k": top_k}
-        settings.update(num_candidates=args.num_candidates, rerank=rerank or default_rerank)
-        pipe.sampling.update(settings)  # top_k None must mean "off" here, not "the model's default"
+        sampling = (guidance, temperature, top_k)
+        if sampling not in drawn:
+            # top_k None must mean "off" here, not "the model's default"
+            pipe.sampling.update(guidance_scale=guidance, temperature=temperature, top_k=top_k)
+            drawn[sampling] = judged_candidates(
+                pipe, judge, prompts, args.images_per_prompt, args.num_candidates, args.device, 5
+            )
+        picks = picked_matches(*drawn[sampling], args.num_candidates, rerank or default_rerank)
         key = f"{guidance}/{temperature}/{top_k}" + (f"/{rerank}" if rerank else "")
-        result[key] = match_rate(pipe, judge, prompts, args.images_per_prompt, args.device, 5)
+        result[key] = picks.double().mean().item()
         print(f"guidance_scale/temperature/top_k[/rerank] {key}: {result[key]:.3f}", flush=True)
     seconds = round(time.perf_counter() - start, 1)
     print(

@@ -42,9 +42,9 @@ def load_pipeline_and_judge(model: str, device: str, num_candidates: int) -> tup
     return pipe, load_judge(device=device)
 
 
-def judged(pipe, judge, prompts: list[str], per_prompt: int, device: str, seed: int, **settings) -> JudgeScore:
-    """The judge's verdicts on `per_prompt` pictures generated for each prompt."""
-    out = pipe(
+def generated(pipe, prompts: list[str], per_prompt: int, device: str, seed: int, **settings) -> TextToImageOutput:
+    """`per_prompt` pictures for each prompt, seeded by `seed`."""
+    return pipe(
         prompts,
         num_images_per_prompt=per_prompt,
         generator=torch.Generator(device).manual_seed(seed),
@@ -52,6 +52,11 @@ def judged(pipe, judge, prompts: list[str], per_prompt: int, device: str, seed: 
         batch_size=256,
         **settings,
     )
+
+
+def judged(pipe, judge, prompts: list[str], per_prompt: int, device: str, seed: int, **settings) -> JudgeScore:
+    """The judge's verdicts on `per_prompt` pictures generated for each prompt."""
+    out = generated(pipe, prompts, per_prompt, device, seed, **settings)
     return judge.score(out.prompts, out.images)
 
 
@@ -65,14 +70,7 @@ def judged_candidates(
 ) -> tuple[TextToImageOutput, torch.Tensor]:
     """Every one of the `num_candidates` samples behind each of `per_prompt` pictures per prompt (the samples
     `pipe(..., num_candidates=num_candidates)` reranks, in groups), and the judge's verdict on each (bool)."""
-    out = pipe(
-        prompts,
-        num_images_per_prompt=per_prompt * num_candidates,
-        num_candidates=1,
-        generator=torch.Generator(device).manual_seed(seed),
-        show_progress=False,
-        batch_size=256,
-    )
+    out = generated(pipe, prompts, per_prompt * num_candidates, device, seed, num_candidates=1)
     return out, torch.tensor(judge.score(out.prompts, out.images).matches)
 
 

@@ -22,11 +22,15 @@ import time
 from pathlib import Path
 
 from corpora.shapes import SEEN, triple_prompt
-from corpora.shapes_judge import load_judge
-from pipelines.text_to_image import DEMO_MODEL, RERANKERS, TextToImagePipeline
+from pipelines.text_to_image import DEMO_MODEL, RERANKERS
 
 sys.path.insert(0, str(Path(__file__).parent))
-from generation_quality import judged_candidates, picked_matches, seen_compositions  # noqa: E402
+from generation_quality import (  # noqa: E402
+    judged_candidates,
+    load_pipeline_and_judge,
+    picked_matches,
+    seen_compositions,
+)
 
 DEFAULT_GRID = [  # (guidance_scale, temperature, top_k, rerank: None keeps the model's default)
     (3.0, 1.0, None, None),
@@ -80,8 +84,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    pipe = TextToImagePipeline.from_pretrained(args.model).to(args.device)
-    judge = load_judge(device=args.device)
+    pipe, judge = load_pipeline_and_judge(args.model, args.device, args.num_candidates)
     prompts = sweep_prompts()
     start = time.perf_counter()
     result = {}

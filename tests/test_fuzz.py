@@ -8,10 +8,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from app.cli import main
 from contrastive.index import ImageIndex, model_identity
 from contrastive.model import PRESETS as CLIP_PRESETS
 from contrastive.model import ContrastiveModel
-from pipelines.cli import main
 from pipelines.text_to_image import TextToImagePipeline
 from prior.model import Prior, PriorConfig
 from vqvae.model import PRESETS as VQ_PRESETS

@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from app import cli
+from app import search as search_cli
 from common.config import Config
 from common.data import DataConfig, Reason, load_image_text
 from common.hub import ModelLoadError, PretrainedModel
-from contrastive import search_cli
 from contrastive.index import EMBEDDINGS_NAME, INDEX_NAME, ImageIndex, IndexLoadError, SearchHit, model_identity
-from pipelines import cli
 from pipelines.image_search import PLACEHOLDER_GREY, ImageSearchPipeline
 
 COLORS = {
@@ -293,7 +293,7 @@ def test_an_index_refuses_another_model(model, images, tmp_path):
 
 
 def _run_cli(monkeypatch, argv: list[str]) -> int:
-    """`pipelines.cli.main(argv)` with the search commands registered and the stub as the contrastive model."""
+    """`app.cli.main(argv)` with the search commands registered and the stub as the contrastive model."""
     parser = argparse.ArgumentParser(prog="vqclip")
     search_cli.add_cli(parser.add_subparsers(dest="command", required=True))
     monkeypatch.setattr(cli, "build_parser", lambda: parser)

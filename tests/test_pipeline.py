@@ -231,7 +231,7 @@ def test_bad_completion_arguments_get_a_clear_error(pipe, kwargs, message):
 def test_generate_command_writes_a_grid(pipe, tmp_path, capsys):
     from PIL import Image
 
-    from pipelines.cli import main
+    from app.cli import main
 
     for stage in ("vqvae", "contrastive", "prior"):
         getattr(pipe, stage).save_pretrained(tmp_path / "stages" / stage)
@@ -259,8 +259,8 @@ def test_generate_command_writes_a_grid(pipe, tmp_path, capsys):
 
 
 def test_eval_command_writes_json_and_markdown(pipe, tmp_path, capsys):
+    from app.cli import main
     from corpora.shapes import build
-    from pipelines.cli import main
 
     build(tmp_path / "data", 40, resolution=16, seed=0, val_fraction=0.5, workers=1, progress=False)
     pipe.save_pretrained(tmp_path / "pipe")

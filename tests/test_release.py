@@ -3,12 +3,12 @@ does its job, so the released weights can never silently go stale."""
 
 import torch
 
+from app.demo import run as run_demo
 from common.data import DataConfig, load_image_text
 from common.grid import to_pil
 from common.metrics import psnr
 from corpora import shapes
 from corpora.shapes_judge import load_judge
-from pipelines.demo import run as run_demo
 from pipelines.text_to_image import DEMO_MODEL, TextToImagePipeline
 
 MAX_BYTES = 30 * 10**6

@@ -1,7 +1,7 @@
 """The `vqclip` command.
 
-Each subcommand lives with the code it drives: a module exposes `add_cli(subparsers)`, which adds its
-parser and sets `func`. Errors the user can fix (bad arguments, missing files) print one line and exit
+Each subcommand is a module of `app/` (the corpora's, of `corpora/`) exposing `add_cli(subparsers)`, which
+adds its parser and sets `func`. Errors the user can fix (bad arguments, missing files) print one line and exit
 with status 2; no traceback.
 """
 
@@ -134,14 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_cli(subparsers)
     _add_generate_cli(subparsers)
 
-    from contrastive import search_cli
+    from app import demo, evaluate, reconstruct, search
     from corpora import shapes_judge
-    from pipelines import demo, evaluate
-    from vqvae import cli as vqvae_cli
 
     shapes_judge.add_cli(subparsers)
-    vqvae_cli.add_cli(subparsers)
-    search_cli.add_cli(subparsers)
+    reconstruct.add_cli(subparsers)
+    search.add_cli(subparsers)
     evaluate.add_cli(subparsers)
     demo.add_cli(subparsers)
     return parser

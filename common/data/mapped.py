@@ -1,4 +1,4 @@
-"""Image-text datasets for every stage: read, check once, convert to RGB, resize, and count what was skipped.
+"""Map-style image-text sources: read the rows, check every image once, split, and count what was skipped.
 
 Sources (see DESIGN.md, "Data contract"):
 
@@ -15,29 +15,28 @@ threaded scan that finds them; `cache_images` keeps the resized pixels of that s
 
 from __future__ import annotations
 
-import argparse
-import io
 import json
 import os
 import stat
 import sys
 import warnings
-from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm.auto import tqdm
 
+from common.data.config import DataConfig
+from common.data.images import IMAGE_EXTENSIONS, load_image, to_array, to_tensor
+from common.data.skips import BadImage, Reason, SkipReport
 from common.metadata import METADATA_NAME
 
 VALIDATION_SPLITS = ("validation", "valid", "val", "dev", "test")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DATASET_FILE_BUILDERS = {
     ".parquet": "parquet",
     ".arrow": "arrow",
@@ -45,268 +44,7 @@ DATASET_FILE_BUILDERS = {
     ".json": "json",
     ".jsonl": "json",
 }
-MIN_IMAGE_SIDE = 8
-MAX_CAPTION_CHARS = 1000
 _SCAN_CHUNK = 256
-_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
-
-
-class Reason:
-    """Why a row was skipped; CAPTION_TRUNCATED is counted for rows that are kept."""
-
-    MISSING_IMAGE = "missing image"
-    EMPTY_IMAGE = "empty image file"
-    UNREADABLE_IMAGE = "unreadable image"
-    TRUNCATED_IMAGE = "truncated image"
-    IMAGE_TOO_LARGE = "image too large"
-    IMAGE_TOO_SMALL = "image too small"
-    MISSING_CAPTION = "missing caption"
-    EMPTY_CAPTION = "empty caption"
-    NON_STRING_CAPTION = "non-string caption"
-    UNREADABLE_CAPTION = "unreadable caption"
-    NON_UTF8_LINE = "non-UTF-8 metadata line"
-    INVALID_JSON_LINE = "invalid JSON metadata line"
-    CAPTION_TRUNCATED = "caption truncated"
-
-
-class BadImage(ValueError):
-    """An image that cannot be used; `reason` is one of the `Reason` strings."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-
-
-# ---------------------------------------------------------------- single images
-
-
-def _check_file(path: str | os.PathLike) -> None:
-    """Refuse what is not a non-empty regular file before opening it (a FIFO would block forever)."""
-    try:
-        info = os.stat(path)
-    except FileNotFoundError as err:
-        raise BadImage(Reason.MISSING_IMAGE, str(path)) from err
-    except OSError as err:
-        raise BadImage(Reason.UNREADABLE_IMAGE, str(err)) from err
-    if not stat.S_ISREG(info.st_mode):
-        raise BadImage(Reason.UNREADABLE_IMAGE, f"{path} is not a regular file")
-    if info.st_size == 0:
-        raise BadImage(Reason.EMPTY_IMAGE, str(path))
-
-
-def load_image(
-    path_or_bytes: str | os.PathLike | bytes,
-    *,
-    max_pixels: int | None = Image.MAX_IMAGE_PIXELS,
-    min_side: int = MIN_IMAGE_SIDE,
-) -> Image.Image:
-    """Decode an image fully, apply its EXIF orientation and convert it to RGB; raise `BadImage` if unusable.
-
-    The size limits are checked from the header, before any pixel is decoded. Pillow's own limit
-    (`Image.MAX_IMAGE_PIXELS`, whose DecompressionBombError also counts as "image too large") still applies
-    when `max_pixels` is larger.
-    """
-    if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
-        if len(path_or_bytes) == 0:
-            raise BadImage(Reason.EMPTY_IMAGE)
-        source: Any = io.BytesIO(path_or_bytes)
-    else:
-        _check_file(path_or_bytes)
-        source = path_or_bytes
-    try:
-        with Image.open(source) as image:
-            width, height = image.size
-            if max_pixels is not None and width * height > max_pixels:
-                raise BadImage(Reason.IMAGE_TOO_LARGE, f"{width}x{height} is over {max_pixels} pixels")
-            if min(width, height) < min_side:
-                raise BadImage(Reason.IMAGE_TOO_SMALL, f"{width}x{height} has a side under {min_side}")
-            image.load()
-            return to_rgb(ImageOps.exif_transpose(image))
-    except BadImage:
-        raise
-    except Image.DecompressionBombError as err:
-        raise BadImage(Reason.IMAGE_TOO_LARGE, str(err)) from err
-    except Exception as err:  # Pillow raises many types for corrupt data; none may stop a scan
-        reason = Reason.TRUNCATED_IMAGE if "truncat" in str(err).lower() else Reason.UNREADABLE_IMAGE
-        raise BadImage(reason, f"{type(err).__name__}: {err}") from err
-
-
-def _scale_to_uint8(image: Image.Image) -> Image.Image:
-    """Grayscale 8-bit version of a 16-bit, 32-bit int or float image.
-
-    16-bit modes use their full range; "I" and "F" the smallest of 0-1 (float only), 0-255, 0-65535 that
-    holds the image's maximum, else the maximum itself.
-    """
-    values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    peak = float(values.max(initial=0.0))
-    ranges = {"F": (1.0, 255.0, 65535.0), "I": (255.0, 65535.0)}.get(image.mode, (65535.0,))
-    top = next((r for r in ranges if peak <= r), peak)
-    return Image.fromarray(np.clip(np.round(values * (255.0 / top)), 0, 255).astype(np.uint8))
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB version of an image of any mode; transparent pixels are composited on white."""
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        image = _scale_to_uint8(image)
-    if image.mode in _ALPHA_MODES or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
-    """Scale the shorter side to `resolution` (Lanczos) and keep the central `resolution` square."""
-    width, height = image.size
-    if (width, height) == (resolution, resolution):
-        return image
-    side = min(width, height)
-    box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
-    return image.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box)
-
-
-def _to_array(image: Image.Image, resolution: int) -> np.ndarray:
-    """(R, R, 3) uint8 pixels of the resized and cropped image."""
-    return np.array(resize_center_crop(image, resolution))
-
-
-def to_tensor(pixels: np.ndarray | Image.Image) -> torch.Tensor:
-    """(R, R, 3) uint8 array or RGB image -> float (3, R, R) in [-1, 1]."""
-    if isinstance(pixels, Image.Image):
-        pixels = np.array(pixels.convert("RGB"))
-    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous().float().div_(127.5).sub_(1.0)
-
-
-def image_pixels(image: Image.Image | str | os.PathLike, resolution: int) -> torch.Tensor:
-    """(3, R, R) in [-1, 1] from a PIL image or the path to one, made RGB, resized and center-cropped as
-    training images are; raises `BadImage` for an unusable file and ValueError for anything else."""
-    if isinstance(image, (str, os.PathLike)):
-        image = load_image(image)
-    if not isinstance(image, Image.Image):
-        raise ValueError(f"image must be a PIL image or the path to one, got {type(image).__name__}")
-    return to_tensor(resize_center_crop(to_rgb(image), resolution))
-
-
-# ---------------------------------------------------------------- configuration
-
-
-@dataclass
-class DataConfig:
-    """Where the data is and how it is prepared; `add_data_args` exposes the first eleven fields as flags."""
-
-    train_data_dir: str | None = None
-    dataset_name: str | None = None
-    dataset_config_name: str | None = None
-    image_column: str | None = None
-    caption_column: str = "text"
-    validation_fraction: float = 0.05
-    resolution: int = 64
-    max_train_samples: int | None = None
-    exclude: tuple[str, ...] = ()  # "COLUMN=VALUE": rows whose metadata column has that value are left out
-    dataloader_num_workers: int = 0
-    cache_images: bool = False
-    max_image_pixels: int | None = Image.MAX_IMAGE_PIXELS
-    min_image_side: int = MIN_IMAGE_SIDE
-    max_caption_chars: int = MAX_CAPTION_CHARS
-
-    def __post_init__(self) -> None:
-        checks = {
-            "validation_fraction must be in [0, 1)": 0 <= self.validation_fraction < 1,
-            "resolution must be at least 1": self.resolution >= 1,
-            "max_train_samples must be at least 1": self.max_train_samples is None or self.max_train_samples >= 1,
-            "dataloader_num_workers must be at least 0": self.dataloader_num_workers >= 0,
-            "max_image_pixels must be at least 1": self.max_image_pixels is None or self.max_image_pixels >= 1,
-            "min_image_side must be at least 1": self.min_image_side >= 1,
-            "max_caption_chars must be at least 1": self.max_caption_chars >= 1,
-        }
-        for message, ok in checks.items():
-            if not ok:
-                raise ValueError(f"DataConfig: {message}")
-        self.exclude = tuple(self.exclude or ())
-        for spec in self.exclude:
-            if "=" not in spec or not spec.split("=", 1)[0]:
-                raise ValueError(f"--exclude {spec!r}: expected COLUMN=VALUE, e.g. style=fluent")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> DataConfig:
-        """The config from parsed flags; fields without a flag keep their defaults."""
-        given = vars(args)
-        return cls(**{f.name: given[f.name] for f in fields(cls) if f.name in given})
-
-
-def add_data_args(parser: argparse.ArgumentParser) -> None:
-    """Add the data flags (diffusers' names) to a training script's parser."""
-    group = parser.add_argument_group("data")
-    group.add_argument(
-        "--train_data_dir",
-        help="local folder: images with metadata.jsonl or with same-named .txt captions, "
-        "flat or with train/ and validation/ subfolders",
-    )
-    group.add_argument(
-        "--dataset_name",
-        help="a dataset that datasets.load_dataset reads (hub name or local file), or a save_to_disk folder",
-    )
-    group.add_argument("--dataset_config_name", help="the dataset's configuration, if it has several")
-    group.add_argument(
-        "--image_column", help='column holding the image (default "image"; "file_name" in metadata.jsonl)'
-    )
-    group.add_argument("--caption_column", default=DataConfig.caption_column, help="column holding the caption")
-    group.add_argument(
-        "--validation_fraction",
-        type=float,
-        default=DataConfig.validation_fraction,
-        help="fraction of rows held out for validation when the dataset has no validation split",
-    )
-    group.add_argument(
-        "--resolution", type=int, default=DataConfig.resolution, help="images are resized and cropped to this"
-    )
-    group.add_argument("--max_train_samples", type=int, help="use a random subset of this many training rows")
-    group.add_argument(
-        "--exclude",
-        action="append",
-        metavar="COLUMN=VALUE",
-        help="leave out rows whose metadata column has this value (repeatable), e.g. --exclude style=fluent",
-    )
-    group.add_argument(
-        "--dataloader_num_workers",
-        type=int,
-        default=DataConfig.dataloader_num_workers,
-        help="DataLoader worker processes",
-    )
-    group.add_argument(
-        "--cache_images", action="store_true", help="keep the resized images in memory after the first scan"
-    )
-
-
-# ---------------------------------------------------------------- skip report
-
-
-@dataclass
-class SkipReport:
-    """How many rows were kept, and how many were skipped for each reason."""
-
-    kept: int = 0
-    counts: Counter[str] = field(default_factory=Counter)  # by Reason, including CAPTION_TRUNCATED
-
-    @property
-    def skipped(self) -> Counter[str]:
-        """Skipped rows by reason (`counts` without CAPTION_TRUNCATED, which counts kept rows)."""
-        return Counter({r: n for r, n in self.counts.items() if r != Reason.CAPTION_TRUNCATED and n})
-
-    @property
-    def total(self) -> int:
-        return self.kept + self.skipped.total()
-
-    def __str__(self) -> str:
-        line = f"kept {self.kept} of {self.total} rows"
-        skipped = sorted(self.skipped.items(), key=lambda item: (-item[1], item[0]))
-        if skipped:
-            line += "; skipped " + ", ".join(f"{n} {reason}" for reason, n in skipped)
-        if self.counts[Reason.CAPTION_TRUNCATED]:
-            line += f"; {self.counts[Reason.CAPTION_TRUNCATED]} {Reason.CAPTION_TRUNCATED}"
-        return line
-
-
-# ---------------------------------------------------------------- rows before the scan
 
 
 @dataclass
@@ -571,7 +309,7 @@ def _scan(rows: _Rows, config: DataConfig, report: SkipReport, *, progress: bool
         except BadImage as err:
             return err.reason
         if pixels is not None:
-            pixels[i] = _to_array(image, config.resolution)
+            pixels[i] = to_array(image, config.resolution)
         return None
 
     with warnings.catch_warnings():  # load_image checks the size itself
@@ -584,9 +322,6 @@ def _scan(rows: _Rows, config: DataConfig, report: SkipReport, *, progress: bool
     report.counts.update(Reason.CAPTION_TRUNCATED for caption in rows.captions if len(caption) > limit)
     rows.captions = [caption[:limit] for caption in rows.captions]
     return rows
-
-
-# ---------------------------------------------------------------- datasets
 
 
 class ImageTextDataset(torch.utils.data.Dataset):
@@ -603,7 +338,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
         if self._rows.pixels is not None:
             pixels = self._rows.pixels[i]
         else:
-            pixels = _to_array(self._rows.load(i, self._config), self._config.resolution)
+            pixels = to_array(self._rows.load(i, self._config), self._config.resolution)
         return {"pixel_values": to_tensor(pixels), "text": self._rows.captions[i], "index": i}
 
     @property

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ from tqdm.auto import tqdm
 from common.data.config import DataConfig
 from common.data.images import IMAGE_EXTENSIONS, load_image, to_array, to_tensor
 from common.data.skips import BadImage, Reason, SkipReport
+
+if TYPE_CHECKING:
+    from common.data.streams import StreamData
 from common.metadata import METADATA_NAME
 
 VALIDATION_SPLITS = ("validation", "valid", "val", "dev", "test")
@@ -355,14 +358,23 @@ class ImageTextDataset(torch.utils.data.Dataset):
         """The image's path, or "dataset:split:row" for rows of a `datasets` dataset."""
         return self._rows.sources[i]
 
+    def image_file(self, i: int) -> bytes:
+        """The bytes of row i's image file as stored (not decoded, not resized)."""
+        image = self._rows.images[i] if self._rows.fetch is None else self._rows.fetch(self._rows.images[i])
+        return image if isinstance(image, bytes) else Path(image).read_bytes()
+
+    def metadata(self, i: int) -> dict[str, Any]:
+        """Row i's extra metadata columns that it has."""
+        return {name: values[i] for name, values in self._rows.columns.items() if values[i] is not None}
+
 
 @dataclass
 class ImageTextSplits:
     """What `load_image_text` returns."""
 
-    train: ImageTextDataset
+    train: ImageTextDataset | StreamData  # a stream for shards and `datasets` streaming
     validation: ImageTextDataset
-    report: SkipReport
+    report: SkipReport  # of the scan; a stream's training rows are counted as training reads them
 
 
 def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
@@ -374,8 +386,8 @@ def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def load_image_text(config: DataConfig, *, seed: int = 0, progress: bool = True) -> ImageTextSplits:
-    """Read, check and split the configured data.
+def load_mapped(config: DataConfig, *, seed: int = 0, progress: bool = True) -> ImageTextSplits:
+    """Read, check and split a folder or a `datasets` dataset, every image decoded once by a scan.
 
     The validation split is the dataset's own, else a `seed`ed random `validation_fraction` of the rows
     (sized from the rows with a caption, drawn from those whose image decodes). `max_train_samples` keeps a
@@ -383,11 +395,7 @@ def load_image_text(config: DataConfig, *, seed: int = 0, progress: bool = True)
     With `progress` (pass `accelerator.is_main_process`), shows the scan's progress and prints one summary
     line to stderr; the counts are always in `.report`.
     """
-    if (config.train_data_dir is None) == (config.dataset_name is None):
-        raise ValueError(
-            "give exactly one of --train_data_dir (a local folder) and --dataset_name "
-            "(a datasets name, a data file or a save_to_disk folder)"
-        )
+    config.check_source()
     report = SkipReport()
     train, validation = _read_folder(config, report) if config.train_data_dir else _read_datasets(config)
     rng = np.random.default_rng(seed)

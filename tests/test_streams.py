@@ -41,7 +41,12 @@ def shapes_shards(tmp_path_factory) -> Path:
     return root
 
 
-def shard_config(root: Path, **fields) -> DataConfig:
+def shard_config(root: Path, kind: str = "shards", **fields) -> DataConfig:
+    """The shapes world as shards, or (kind "datasets") its imagefolder read with `datasets` streaming."""
+    if kind == "datasets":
+        return DataConfig(
+            dataset_name=str(root / "folder"), streaming=True, resolution=RES, shuffle_buffer=50, **fields
+        )
     return DataConfig(
         train_shards=str(root / "train"),
         validation_shards=str(root / "validation"),
@@ -51,9 +56,12 @@ def shard_config(root: Path, **fields) -> DataConfig:
     )
 
 
-def all_ids(folder: Path) -> list[int]:
+def all_ids(root: Path, kind: str = "shards") -> list[int]:
+    """The stable ids of every training sample."""
+    if kind == "datasets":
+        return [stable_id(str(path)) for path in sorted((root / "folder" / "train").glob("*.png"))]
     ids = []
-    for shard in sorted(folder.glob("*.tar")):
+    for shard in sorted((root / "train").glob("*.tar")):
         ids += [stable_id(f"{shard.name}/{sample['__key__']}") for sample in read_shard(str(shard))]
     return ids
 
@@ -88,13 +96,16 @@ def test_writing_is_deterministic_and_in_img2dataset_layout(shapes_shards, tmp_p
         assert tar.getnames()[:3] == ["000000000.png", "000000000.txt", "000000000.json"]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_two_processes_see_every_sample_once_per_epoch(shapes_shards, workers):
-    expected = Counter(all_ids(shapes_shards / "train"))
+KINDS = [("shards", 0), ("shards", 2), ("datasets", 0), ("datasets", 2)]
+
+
+@pytest.mark.parametrize(("kind", "workers"), KINDS)
+def test_two_processes_see_every_sample_once_per_epoch(shapes_shards, kind, workers):
+    expected = Counter(all_ids(shapes_shards, kind))
     seen: Counter = Counter()
     epochs = Counter()
     for rank in (0, 1):
-        data = load_image_text(shard_config(shapes_shards, dataloader_num_workers=workers), progress=False).train
+        data = load_image_text(shard_config(shapes_shards, kind, dataloader_num_workers=workers), progress=False).train
         batches, _ = take(data, 20, rank=rank, world_size=2)  # 160 rows per process: past epoch 0 everywhere
         for ids, batch_epochs, _ in batches:
             seen.update(i for i, e in zip(ids, batch_epochs, strict=True) if e == 0)
@@ -108,9 +119,9 @@ def coarse_key(text: str) -> int:
     return zlib.crc32(text.encode()) % 12
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_continues_with_the_same_batches(shapes_shards, workers):
-    config = shard_config(shapes_shards, dataloader_num_workers=workers)
+@pytest.mark.parametrize(("kind", "workers"), KINDS)
+def test_resume_continues_with_the_same_batches(shapes_shards, kind, workers):
+    config = shard_config(shapes_shards, kind, dataloader_num_workers=workers)
     uninterrupted, _ = take(load_image_text(config, progress=False).train, 45, batch_key=coarse_key)
     first, position = take(load_image_text(config, progress=False).train, 17, batch_key=coarse_key)
     position = json.loads(json.dumps(position))  # as a checkpoint stores it
@@ -127,7 +138,7 @@ def test_too_few_distinct_keys_for_a_batch_is_refused(shapes_shards):
 
 def test_batches_never_repeat_a_caption(shapes_shards):
     batches, _ = take(load_image_text(shard_config(shapes_shards), progress=False).train, 30, batch_key=caption_key)
-    captions = {i: c for i, c in zip(all_ids(shapes_shards / "train"), captions_of(shapes_shards), strict=True)}
+    captions = {i: c for i, c in zip(all_ids(shapes_shards), captions_of(shapes_shards), strict=True)}
     for ids, _, _ in batches:
         keys = [caption_key(captions[i]) for i in ids]
         assert len(set(keys)) == len(keys)

@@ -181,41 +181,41 @@ def _read_folder(config: DataConfig, report: SkipReport) -> tuple[_Rows, _Rows |
     return read(root / "train"), None if validation is None else read(validation)
 
 
-def _load_datasets(config: DataConfig) -> Any:
-    """A `datasets.DatasetDict` from a hub name, a local data file or a `save_to_disk` folder."""
+def load_datasets(config: DataConfig, *, streaming: bool = False) -> dict[str, Any]:
+    """The splits of `config.dataset_name` (a hub name, a local data file or folder, or a `save_to_disk` folder):
+    `datasets.Dataset`s, or with `streaming` `datasets.IterableDataset`s."""
     import datasets  # here, not at the top: only --dataset_name needs it, and it is slow to import
 
     name = config.dataset_name
     path = Path(name)
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
         loaded = datasets.load_from_disk(name)
+        if streaming:
+            splits = loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+            return {split: table.to_iterable_dataset() for split, table in splits.items()}
     elif path.is_file():
         builder = DATASET_FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise ValueError(f"--dataset_name {name}: cannot read {path.suffix!r} files")
-        loaded = datasets.load_dataset(builder, data_files=name)
+        loaded = datasets.load_dataset(builder, data_files=name, streaming=streaming)
     else:
-        loaded = datasets.load_dataset(name, config.dataset_config_name)
-    return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
+        loaded = datasets.load_dataset(name, config.dataset_config_name, streaming=streaming)
+    if isinstance(loaded, (datasets.Dataset, datasets.IterableDataset)):
+        return {"train": loaded}
+    return dict(loaded)
 
 
 def _read_datasets(config: DataConfig) -> tuple[_Rows, _Rows | None]:
     """Train and (if the dataset has one) validation rows of `config.dataset_name`."""
     import datasets
 
-    loaded = _load_datasets(config)
-    if "train" not in loaded and len(loaded) != 1:
-        raise ValueError(f"--dataset_name {config.dataset_name}: no 'train' split among {list(loaded)}")
+    loaded = load_datasets(config)
+    train, validation = split_names(loaded, config)
     image_column = config.image_column or "image"
 
     def read(split: str) -> _Rows:
         dataset = loaded[split]
-        for role, column in (("image", image_column), ("caption", config.caption_column)):
-            if column not in dataset.column_names:
-                raise ValueError(
-                    f"--{role}_column {column!r} is not a column of {config.dataset_name} ({split}); "
-                    f"columns: {dataset.column_names}"
-                )
+        check_columns(dataset, config, split)
         images = dataset.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
         extra = [
             name
@@ -232,9 +232,26 @@ def _read_datasets(config: DataConfig) -> tuple[_Rows, _Rows | None]:
             fetch=_ArrowImage(images, image_column),
         )
 
-    validation = next((name for name in VALIDATION_SPLITS if name in loaded), None)
+    return read(train), None if validation is None else read(validation)
+
+
+def split_names(loaded: dict[str, Any], config: DataConfig) -> tuple[str, str | None]:
+    """The training split's name and the validation split's, if the dataset has one."""
+    if "train" not in loaded and len(loaded) != 1:
+        raise ValueError(f"--dataset_name {config.dataset_name}: no 'train' split among {list(loaded)}")
     train = "train" if "train" in loaded else next(iter(loaded))
-    return read(train), None if validation is None or validation == train else read(validation)
+    validation = next((name for name in VALIDATION_SPLITS if name in loaded and name != train), None)
+    return train, validation
+
+
+def check_columns(dataset: Any, config: DataConfig, split: str) -> None:
+    """Refuse a dataset without the image or caption column, naming the flag and the columns it has."""
+    columns = list(dataset.features) if dataset.features is not None else []
+    for role, column in (("image", config.image_column or "image"), ("caption", config.caption_column)):
+        if column not in columns:
+            raise ValueError(
+                f"--{role}_column {column!r} is not a column of {config.dataset_name} ({split}); columns: {columns}"
+            )
 
 
 # ---------------------------------------------------------------- checks, split and scan

@@ -26,6 +26,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -117,7 +118,7 @@ class ShardSource:
         if self.total == 0:
             raise ValueError(f"the shards of {spec!r} hold no samples")
         self.config, self.seed = config, seed
-        self.description = spec
+        self.description = f"{spec} ({self.total} samples in {len(self.shards)} shards)"
         self._cursor: tuple[int, int, Iterator[Any]] | None = None  # (epoch, next position, samples from there)
 
     def identity(self) -> dict[str, Any]:
@@ -195,6 +196,67 @@ class ShardSource:
         else:
             caption = None
         extras = {k: v for k, v in metadata.items() if isinstance(v, (str, int, float, bool))}
+        return Parsed(key, image, caption, extras)
+
+
+class DatasetStreamSource:
+    """One split of a `datasets` dataset read with streaming; stream s of S is `split_dataset_by_node(rank=s,
+    world_size=S)`, and a block's address holds the dataset's own `state_dict()` at its start."""
+
+    def __init__(self, dataset: Any, config: DataConfig, split: str) -> None:
+        import datasets
+
+        from common.data.mapped import check_columns
+
+        check_columns(dataset, config, split)
+        self.image_column = config.image_column or "image"
+        self.dataset = dataset.cast_column(self.image_column, datasets.Image(decode=False))
+        self.config = config
+        self.description = f"{config.dataset_name} ({split})"
+        self.split = split
+        self._cursor: tuple[tuple[int, int, int, int], Any, Iterator[Any]] | None = None
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "datasets", "name": self.config.dataset_name, "split": self.split}
+
+    def first_block(self, stream: int, streams: int, epoch: int) -> dict[str, Any]:
+        return {"epoch": epoch, "stream": stream, "streams": streams, "pos": 0, "state": None}
+
+    def read_block(self, block: dict[str, Any], size: int) -> tuple[list[Any], dict[str, Any] | None]:
+        from datasets.distributed import split_dataset_by_node
+
+        where = (block["epoch"], block["stream"], block["streams"], block["pos"])
+        if self._cursor is None or self._cursor[0] != where:
+            view = split_dataset_by_node(self.dataset, rank=block["stream"], world_size=block["streams"])
+            view.set_epoch(block["epoch"])
+            if block["state"] is not None:
+                view.load_state_dict(block["state"])
+            # `iter`, unlike `iter(view)`, reads the view as it is inside a DataLoader worker too (it would
+            # otherwise split itself among the workers again)
+            rows = ({name: values[0] for name, values in batch.items()} for batch in view.iter(batch_size=1))
+            self._cursor = (where, view, rows)
+        _, view, examples = self._cursor
+        raws = list(islice(examples, size))
+        following = {**block, "pos": block["pos"] + len(raws), "state": view.state_dict()}
+        self._cursor = ((*where[:3], following["pos"]), view, examples)
+        return raws, following if len(raws) == size else None
+
+    def parse(self, raw: Any) -> Parsed | str:
+        cell = raw.get(self.image_column) or {}
+        image = cell.get("bytes")
+        path = cell.get("path")
+        if image is None and path is not None:
+            try:
+                image = Path(path).read_bytes()
+            except OSError:
+                return Reason.MISSING_IMAGE
+        key = path if path else hashlib.blake2b(image or b"", digest_size=16).hexdigest()
+        caption = raw.get(self.config.caption_column)
+        extras = {
+            k: v
+            for k, v in raw.items()
+            if k not in (self.image_column, self.config.caption_column) and isinstance(v, (str, int, float, bool))
+        }
         return Parsed(key, image, caption, extras)
 
 
@@ -471,24 +533,47 @@ class StreamData:
         return found, SkipReport(len(found), stream.counts)
 
 
-def _validation_stream(config: DataConfig, seed: int, progress: bool) -> StreamData:
-    if config.validation_shards is not None:
-        return StreamData(ShardSource(config.validation_shards, config, seed, progress=progress), config, seed)
-    source = ShardSource(config.train_shards, config, seed, progress=False)
-    return StreamData(source, config, seed, holdout=config.validation_fraction, want_held_out=True)
+def _sources(config: DataConfig, seed: int, progress: bool) -> tuple[RawSource, RawSource | None, RawSource]:
+    """The training source, the validation source if the data has its own, and a second reader of the training
+    source (the validation rows are then held out of it)."""
+    if config.train_shards is not None:
+        validation = None
+        if config.validation_shards is not None:
+            validation = ShardSource(config.validation_shards, config, seed, progress=progress)
+        train = ShardSource(config.train_shards, config, seed, progress=progress)
+        return train, validation, ShardSource(config.train_shards, config, seed, progress=False)
+    from common.data.mapped import load_datasets, split_names
+
+    loaded = load_datasets(config, streaming=True)
+    train_split, validation_split = split_names(loaded, config)
+    validation = (
+        None if validation_split is None else DatasetStreamSource(loaded[validation_split], config, validation_split)
+    )
+    return (
+        DatasetStreamSource(loaded[train_split], config, train_split),
+        validation,
+        DatasetStreamSource(loaded[train_split], config, train_split),
+    )
 
 
 def load_stream(config: DataConfig, *, seed: int = 0, progress: bool = True) -> ImageTextSplits:
-    """The training stream and the validation rows (in memory) of shards; see `common.data.load_image_text`."""
+    """The training stream and the validation rows (in memory) of shards or a `datasets` stream; see
+    `common.data.load_image_text`."""
     from common.data.mapped import ImageTextDataset, ImageTextSplits, _Rows
 
-    holdout = None if config.validation_shards is not None else config.validation_fraction
-    train = StreamData(ShardSource(config.train_shards, config, seed, progress=progress), config, seed, holdout=holdout)
-    rows, report = _validation_stream(config, seed, progress).rows(config.max_validation_samples or 1000)
+    train_source, validation_source, second_reader = _sources(config, seed, progress)
+    if validation_source is not None:
+        train = StreamData(train_source, config, seed)
+        validation_data = StreamData(validation_source, config, seed)
+    else:
+        fraction = config.validation_fraction
+        train = StreamData(train_source, config, seed, holdout=fraction)
+        validation_data = StreamData(second_reader, config, seed, holdout=fraction, want_held_out=True)
+    rows, report = validation_data.rows(config.max_validation_samples or 1000)
     if not rows:
         raise ValueError(
-            f"no validation rows in {config.validation_shards or config.train_shards} ({report}); give "
-            "--validation_shards or a --validation_fraction above 0"
+            f"no validation rows in {validation_data.source.description} ({report}); give a validation split "
+            "(--validation_shards) or a --validation_fraction above 0"
         )
     validation = ImageTextDataset(
         _Rows(
@@ -501,8 +586,7 @@ def load_stream(config: DataConfig, *, seed: int = 0, progress: bool = True) -> 
     )
     if progress:
         print(
-            f"vqclip data: streaming {train.source.total} samples from {len(train.source.shards)} shards; "
-            f"{len(rows)} validation rows in memory ({report})",
+            f"vqclip data: streaming {train.source.description}; {len(rows)} validation rows in memory ({report})",
             file=sys.stderr,
         )
     return ImageTextSplits(train, validation, report)

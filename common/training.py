@@ -9,6 +9,9 @@
   the scheduler and trainer state (JSON) and each process's RNG state; nothing is pickled.
 - A NaN or infinite loss stops the run, naming the step, before the optimizer can apply it, so the
   last checkpoint stays good.
+- Streamed data (`common.data.streams.StreamData`: shards, `datasets` streaming) is read by every process and
+  worker in parallel; each checkpoint holds every process's stream position (`data-{rank}.json`), so a resumed run
+  continues with exactly the batches the uninterrupted one would have drawn.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import random
 import shutil
 import sys
+from collections import Counter
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +32,12 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from common.data import add_data_args
+from common.data import SkipReport, add_data_args
+from common.data.streams import StreamData, seeded_generator
 from common.hub import STORAGE_DTYPES, PretrainedModel, atomic_write_text, save_state_dict, storage_dtype
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -210,8 +216,7 @@ class KeyedDataset(torch.utils.data.Dataset):
         sample = self.base[row]
         if self.transform is None:
             return sample
-        generator = torch.Generator().manual_seed(hash((self.seed, epoch, row)) % (2**63))
-        return self.transform(sample, generator)
+        return self.transform(sample, seeded_generator(self.seed, epoch, row))
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -258,19 +263,22 @@ class TrainerHooks:
 
 
 class Trainer:
-    """Runs `compute_loss(model, batch, step) -> (loss, logs)` for `args.max_train_steps` optimizer steps."""
+    """Runs `compute_loss(model, batch, step) -> (loss, logs)` for `args.max_train_steps` optimizer steps.
+
+    `dataset` is a map-style dataset or a `StreamData`. With `batch_key` (e.g. a normalized caption of a row's
+    "text"), no batch holds two rows with the same key."""
 
     def __init__(
         self,
         args: argparse.Namespace,
         model: torch.nn.Module,
-        dataset: torch.utils.data.Dataset,
+        dataset: torch.utils.data.Dataset | StreamData,
         compute_loss: Callable[[torch.nn.Module, Any, int], tuple[torch.Tensor, dict[str, float]]],
         *,
         collate: Callable | None = None,
         transform: Callable | None = None,
         hooks: TrainerHooks | None = None,
-        batch_keys: Sequence[Hashable] | None = None,
+        batch_key: Callable[[str], Hashable] | None = None,
         project: str = "vqclip",
     ) -> None:
         check_training_args(args)
@@ -303,11 +311,14 @@ class Trainer:
             lr_lambda(args.lr_scheduler, args.lr_warmup_steps, args.lr_schedule_steps or args.max_train_steps),
         )
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.dataset = KeyedDataset(dataset, args.seed, transform)
+        self.stream = dataset if isinstance(dataset, StreamData) else None
+        self.dataset = dataset if self.stream is not None else KeyedDataset(dataset, args.seed, transform)
+        self.transform = transform
         self.compute_loss = compute_loss
         self.collate = collate
         self.hooks = hooks or TrainerHooks()
-        self.batch_keys = batch_keys
+        self.batch_key = batch_key
+        self.stream_position: dict[str, Any] | None = None  # where a resumed stream continues
         self.step = 0
 
     @property
@@ -330,6 +341,9 @@ class Trainer:
         tensors, plain = _rng_state()
         save_file(tensors, tmp / f"rng-{acc.process_index}.safetensors")
         (tmp / f"rng-{acc.process_index}.json").write_text(json.dumps(plain), encoding="utf-8")
+        if self.stream is not None:
+            position = json.dumps(self.stream.position)
+            (tmp / f"data-{acc.process_index}.json").write_text(position, encoding="utf-8")
         if acc.is_main_process:
             if isinstance(self.unwrapped, PretrainedModel):  # a checkpoint is then also a loadable model
                 self.unwrapped.write_files(tmp)
@@ -378,6 +392,13 @@ class Trainer:
         if state["num_processes"] == self.accelerator.num_processes:
             plain = json.loads((path / f"rng-{rank}.json").read_text(encoding="utf-8"))
             _set_rng_state(load_file(path / f"rng-{rank}.safetensors"), plain)
+        if self.stream is not None:
+            if state["num_processes"] != self.accelerator.num_processes:
+                raise ValueError(
+                    f"{path} was written by {state['num_processes']} processes; a stream resumes exactly only with "
+                    "as many"
+                )
+            self.stream_position = json.loads((path / f"data-{rank}.json").read_text(encoding="utf-8"))
         self.step = int(state["step"])
         metrics = self.output_dir / "metrics.jsonl"
         if self.accelerator.is_main_process and metrics.is_file():  # drop what was logged after the checkpoint
@@ -390,6 +411,20 @@ class Trainer:
 
     def _loader(self) -> Iterator[Any]:
         acc = self.accelerator
+        if self.stream is not None:
+            batches = self.stream.loader(
+                batch_size=self.args.train_batch_size,
+                rank=acc.process_index,
+                world_size=acc.num_processes,
+                transform=self.transform,
+                collate=self.collate,
+                batch_key=self.batch_key,
+                position=self.stream_position,
+            )
+            for batch in batches:
+                yield _to_device(batch, acc.device)
+            return
+        keys = None if self.batch_key is None else [self.batch_key(text) for text in self.dataset.base.captions]
         batches = StepBatches(
             len(self.dataset),
             self.args.train_batch_size,
@@ -397,7 +432,7 @@ class Trainer:
             acc.process_index,
             self.args.seed,
             start=self.step * self.args.gradient_accumulation_steps,
-            keys=self.batch_keys,
+            keys=keys,
         )
         workers = getattr(self.args, "dataloader_num_workers", 0) or 0
         loader = torch.utils.data.DataLoader(
@@ -435,6 +470,8 @@ class Trainer:
             self.step += 1
             logs = {"loss": float(loss.detach()), **logs, "lr": self.scheduler.get_last_lr()[0]}
             bar.update()
+            if self.stream is not None:
+                logs["skipped"] = self.stream.report().skipped.total()
             if self.step % args.logging_steps == 0 or self.step == args.max_train_steps:
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
                 self._log(logs)
@@ -443,6 +480,15 @@ class Trainer:
             self.run_hooks(final=self.step == args.max_train_steps)
         bar.close()
         acc.end_training()
+
+    def skipped(self, before: SkipReport) -> dict[str, int]:
+        """Rows skipped by reason: those of `before` (the data's check before training) and those every process's
+        stream skipped as training read it. Every process must call it."""
+        counts = Counter(before.skipped)
+        if self.stream is not None:
+            for found in gather_object([dict(self.stream.report().skipped)]):
+                counts.update(found)
+        return dict(counts)
 
     def save_model(self, model: PretrainedModel | None = None) -> PretrainedModel:
         """Save the trained model (or `model`, e.g. the tokenizer inside a GAN wrapper) into the output folder in

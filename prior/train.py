@@ -17,6 +17,7 @@ OUTPUT_DIR/samples, and at the end the prior (config.json + model.safetensors), 
 from __future__ import annotations
 
 import argparse
+import datetime
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -169,7 +170,9 @@ def sample_grid(
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
     args = parse_args(argv)
-    state = PartialState(cpu=not torch.cuda.is_available())  # the Trainer's Accelerator joins this state
+    # the Trainer's Accelerator joins this state; encoding the codes may keep one process waiting for the others
+    # longer than a collective's default timeout
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=datetime.timedelta(hours=12))
     vqvae = VQVAE.from_pretrained(args.vqvae, state.device).requires_grad_(False)
     encoder = ContrastiveModel.from_pretrained(args.contrastive, state.device).requires_grad_(False)
     if args.resolution is None:
@@ -181,16 +184,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
     if config.cond_drop_prob == 0 and args.guidance_scale != 1:
         raise ValueError("--guidance_scale needs a null condition trained with --cond_drop_prob > 0; set it to 1")
     output_dir = Path(args.output_dir)
-    with state.main_process_first():  # the main process encodes the data if needed; the others then read it
-        train, validation = cached_codes(
-            args.vqvae,
-            DataConfig.from_args(args),
-            args.codes_cache or output_dir / "codes",
-            seed=args.seed,
-            batch_size=args.train_batch_size,
-            progress=state.is_main_process,
-            device=state.device,
-        )
+    train, validation = cached_codes(  # every process encodes its share of what the codes folder lacks
+        args.vqvae,
+        DataConfig.from_args(args),
+        args.codes_cache or output_dir / "codes",
+        seed=args.seed,
+        batch_size=args.train_batch_size,
+        progress=state.is_main_process,
+        device=state.device,
+        rank=state.process_index,
+        world_size=state.num_processes,
+        barrier=state.wait_for_everyone,
+    )
     set_seed(args.seed)  # after the encoding, which only the main process may have done
     model = Prior(config)
     if config.cond_drop_prob == 0:  # the null condition is then never used, and DDP refuses unused parameters

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
+import threading
 import zlib
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 from bad_data import encode, noise, png_claiming
 from helpers import folder_digest
 
-from common.data import DataConfig, Reason, collate, load_image_text
+from common.data import DataConfig, Reason, collate, load_image, load_image_text, to_array, to_tensor
 from common.data.shards import (
     ShardSample,
     expand_shards,
@@ -26,6 +30,9 @@ from common.data.shards import (
 from common.data.streams import StreamData, stable_id
 from contrastive.evaluate import caption_key
 from corpora.shapes import build
+from prior.codes import cached_codes, encode_dataset, load_codes
+from vqvae.model import PRESETS as VQVAE_PRESETS
+from vqvae.model import VQVAE
 
 RES = 16
 
@@ -200,3 +207,38 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, capsys):
     assert counts[Reason.UNREADABLE_SHARD] >= 4 and counts[Reason.TRUNCATED_SHARD] >= 1
     err = capsys.readouterr().err
     assert err.count("00004.tar") == 1 and err.count("00003.tar") == 1  # a broken shard is named once
+
+
+def test_codes_from_shards_are_encoded_by_every_process_and_new_shards_alone_later(shapes_shards, tmp_path, capsys):
+    torch.manual_seed(0)
+    VQVAE(VQVAE_PRESETS["tiny"]).save_pretrained(tmp_path / "vqvae")
+    train_dir = tmp_path / "train"
+    shutil.copytree(shapes_shards / "train", train_dir)
+    (train_dir / "00003.tar").rename(tmp_path / "later.tar")  # added after the first encoding
+    data = DataConfig(train_shards=str(train_dir), validation_shards=str(shapes_shards / "validation"), resolution=RES)
+    barrier = threading.Barrier(2)
+    with ThreadPoolExecutor(2) as pool:  # two "processes", each encoding its share of the parts
+        runs = [
+            pool.submit(encode_dataset, tmp_path / "vqvae", data, tmp_path / "codes", 16, False, rank=rank,
+                        world_size=2, barrier=barrier.wait, replace=False)
+            for rank in (0, 1)
+        ]  # fmt: skip
+        [run.result() for run in runs]
+    train, validation = load_codes(tmp_path / "codes", tmp_path / "vqvae", data)
+    assert (len(train), len(validation)) == (192, 60)
+    tokenizer = VQVAE.from_pretrained(tmp_path / "vqvae")
+    pixels = {}
+    for shard in sorted(train_dir.glob("*.tar")):
+        for sample in read_shard(str(shard)):
+            image = load_image(sample["png"])
+            pixels[f"{shard.name}/{sample['__key__']}"] = to_tensor(to_array(image, RES))
+    expected = tokenizer.encode(torch.stack([pixels[source] for source in train.sources])).flatten(1)
+    assert torch.equal(torch.stack([train[i]["codes"] for i in range(len(train))]), expected)
+
+    (tmp_path / "later.tar").rename(train_dir / "00003.tar")
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "codes" / "parts").iterdir()}
+    capsys.readouterr()
+    train, _ = cached_codes(tmp_path / "vqvae", data, tmp_path / "codes", batch_size=16)
+    assert len(train) == 240 and "(1 of 5 parts)" in capsys.readouterr().err
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "codes" / "parts").iterdir()}
+    assert {name: after[name] for name in before} == before and len(after) == len(before) + 1

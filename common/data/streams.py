@@ -517,20 +517,24 @@ class StreamData:
             counts.update(position["counts"])
         return SkipReport(0, counts)
 
+    def epoch_rows(self, stream: int = 0, streams: int = 1, counts: Counter[str] | None = None) -> Iterator[Row]:
+        """The usable rows of epoch 0 of one stream, in the order training reads them; skipped samples are counted
+        in `counts` by reason."""
+        settings = {"batch_size": 1, "transform": None, "collate": None, "batch_key": None, "position": None}
+        reader = _Stream(self, stream, streams, settings)
+        counts = Counter() if counts is None else counts
+        while reader.following is not None or reader.taken < len(reader.order):
+            _, raw = reader._next_raw()
+            row = reader._row(raw, 0, counts)
+            if row is not None:
+                yield row
+
     def rows(self, limit: int) -> tuple[list[Row], SkipReport]:
         """The first `limit` usable rows of epoch 0 (read as one stream), and what was skipped on the way: a
         validation set held in memory."""
-        settings = {"batch_size": 1, "transform": None, "collate": None, "batch_key": None, "position": None}
-        stream = _Stream(self, 0, 1, settings)
-        found: list[Row] = []
-        while len(found) < limit and stream.epoch == 0:
-            address, raw = stream._next_raw()
-            row = stream._row(raw, 0, stream.counts)
-            if row is not None:
-                found.append(row)
-            if stream.following is None and stream.taken >= len(stream.order):
-                break
-        return found, SkipReport(len(found), stream.counts)
+        counts: Counter[str] = Counter()
+        found = list(islice(self.epoch_rows(counts=counts), limit))
+        return found, SkipReport(len(found), counts)
 
 
 def _sources(config: DataConfig, seed: int, progress: bool) -> tuple[RawSource, RawSource | None, RawSource]:

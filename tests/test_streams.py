@@ -17,6 +17,7 @@ import torch
 from bad_data import encode, noise, png_claiming
 from helpers import folder_digest
 
+from app.cli import main
 from common.data import DataConfig, Reason, collate, load_image, load_image_text, to_array, to_tensor
 from common.data.shards import (
     ShardSample,
@@ -242,3 +243,27 @@ def test_codes_from_shards_are_encoded_by_every_process_and_new_shards_alone_lat
     assert len(train) == 240 and "(1 of 5 parts)" in capsys.readouterr().err
     after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "codes" / "parts").iterdir()}
     assert {name: after[name] for name in before} == before and len(after) == len(before) + 1
+
+
+@pytest.mark.parametrize("flag", ["train_data_dir", "dataset_name"])
+def test_a_shard_folder_given_as_a_folder_or_dataset_says_to_use_train_shards(shapes_shards, flag):
+    with pytest.raises(ValueError, match="--train_shards"):
+        load_image_text(DataConfig(**{flag: str(shapes_shards / "train")}, resolution=RES), progress=False)
+
+
+def test_the_data_commands_write_shards_that_train_reads(shapes_shards, tmp_path, capsys):
+    args = ["--num-images", "60", "--resolution", str(RES), "--workers", "1", "--samples-per-shard", "25"]
+    assert main(["data", "shapes", "--out", str(tmp_path / "shapes"), "--format", "shards", *args]) == 0
+    assert sorted(p.name for p in (tmp_path / "shapes" / "train").glob("*.tar")) == [
+        "00000.tar",
+        "00001.tar",
+        "00002.tar",
+    ]
+    assert main(["data", "shards", "--from", str(shapes_shards / "folder"), "--out", str(tmp_path / "copy")]) == 0
+    assert f"--train_shards {tmp_path / 'copy' / 'train'}" in capsys.readouterr().out
+    config = DataConfig(
+        train_shards=str(tmp_path / "copy" / "train"),
+        validation_shards=str(tmp_path / "copy" / "validation"),
+        resolution=RES,
+    )
+    assert len(all_ids(tmp_path / "copy")) == 240 and len(load_image_text(config, progress=False).validation) == 60

@@ -164,11 +164,22 @@ def _read_txt_captions(directory: Path, config: DataConfig, report: SkipReport) 
     return rows
 
 
+def refuse_shard_folder(path: Path, flag: str) -> None:
+    """A folder of webdataset shards (as img2dataset writes them) is read with --train_shards, not as a folder of
+    images or of parquet files (which would give metadata without images)."""
+    if path.is_dir() and not (path / METADATA_NAME).is_file() and any(path.glob("*.tar")):
+        raise ValueError(
+            f"{flag} {path} holds webdataset shards (.tar files, as img2dataset writes them): read them with "
+            f"--train_shards {path}"
+        )
+
+
 def _read_folder(config: DataConfig, report: SkipReport) -> tuple[_Rows, _Rows | None]:
     """Train and (if the folder has one) validation rows of `config.train_data_dir`."""
     root = Path(config.train_data_dir)
     if not root.is_dir():
         raise ValueError(f"--train_data_dir {root} does not exist or is not a folder")
+    refuse_shard_folder(root, "--train_data_dir")
 
     def read(directory: Path) -> _Rows:
         if (directory / METADATA_NAME).is_file():
@@ -188,6 +199,7 @@ def load_datasets(config: DataConfig, *, streaming: bool = False) -> dict[str, A
 
     name = config.dataset_name
     path = Path(name)
+    refuse_shard_folder(path, "--dataset_name")
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
         loaded = datasets.load_from_disk(name)
         if streaming:

@@ -16,6 +16,7 @@ import pytest
 import torch
 from bad_data import encode, noise, png_claiming
 from helpers import folder_digest
+from launch import ROOT
 
 from app.cli import main
 from common.data import DataConfig, Reason, collate, load_image, load_image_text, to_array, to_tensor
@@ -267,3 +268,15 @@ def test_the_data_commands_write_shards_that_train_reads(shapes_shards, tmp_path
         resolution=RES,
     )
     assert len(all_ids(tmp_path / "copy")) == 240 and len(load_image_text(config, progress=False).validation) == 60
+
+
+@pytest.mark.parametrize(("name", "machines"), [("multi_gpu", 1), ("multi_node", 2)])
+def test_the_launch_configs_are_valid_accelerate_configs(name, machines):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ROOT / "recipes" / "accelerate" / f"{name}.yaml"))
+    assert (config.distributed_type.value, config.num_machines, config.num_processes) == (
+        "MULTI_GPU",
+        machines,
+        8 * machines,
+    )

@@ -9,6 +9,9 @@
   the scheduler and trainer state (JSON) and each process's RNG state; nothing is pickled.
 - A NaN or infinite loss stops the run, naming the step, before the optimizer can apply it, so the
   last checkpoint stays good.
+- Weight decay reaches only the matrices that multiply a layer's input (linear, convolution and attention
+  projection weights, and free-standing `proj`/`projection` matrices); biases, norm gains, embeddings,
+  positional tables, learned rows such as a null condition, codebooks and temperatures are never decayed.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
+from torch import nn
 from tqdm.auto import tqdm
 
 from common.data import add_data_args
@@ -116,6 +120,62 @@ def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
         return 1.0
 
     return factor
+
+
+# the layers whose matrices weight decay applies to, and the names of those matrices
+DECAYED_LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention)
+DECAYED_NAMES = frozenset({"weight", "in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"})
+
+
+def decays(module: nn.Module, name: str, param: nn.Parameter) -> bool:
+    """Whether weight decay applies to `module`'s own parameter `name`.
+
+    Only matrices that multiply an input are decayed: the weights of linear, convolution and attention layers,
+    and free-standing matrices named `...proj` or `...projection` (open_clip's output projections). That is
+    open_clip's rule (no decay for `ndim < 2`, norms, biases, `logit_scale`) and nanoGPT's (only 2-D weights),
+    with embeddings also left out as in minGPT: token and positional tables, learned rows (a null condition, a
+    start token) and codebooks are looked up or added, not multiplied, and decaying them pulls them to zero.
+    """
+    if param.ndim < 2:
+        return False
+    if isinstance(module, DECAYED_LAYERS):
+        return name in DECAYED_NAMES
+    return name.endswith(("proj", "projection"))
+
+
+def weight_decay_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """The trainable parameters split into (decayed, not decayed), each in `model.parameters()` order."""
+    decayed, kept = [], []
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if param.requires_grad and id(param) not in seen:  # a tied parameter is counted once
+                seen.add(id(param))
+                (decayed if decays(module, name, param) else kept).append(param)
+    return decayed, kept
+
+
+def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.AdamW:
+    """AdamW with two parameter groups: `args.adam_weight_decay` on the decayed ones, none on the others."""
+    decayed, kept = weight_decay_groups(model)
+    groups = [
+        {"params": params, "weight_decay": decay}
+        for params, decay in ((decayed, args.adam_weight_decay), (kept, 0.0))
+        if params
+    ]
+    return torch.optim.AdamW(
+        groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
+    )
+
+
+def describe_groups(optimizer: torch.optim.Optimizer) -> str:
+    """One line: each parameter group's weight decay, tensor count and parameter count."""
+
+    def one(group: dict[str, Any]) -> str:
+        count = sum(p.numel() for p in group["params"])
+        return f"weight decay {group['weight_decay']:g} on {len(group['params'])} tensors ({count:,} parameters)"
+
+    return "optimizer: " + "; ".join(one(group) for group in optimizer.param_groups)
 
 
 class StepBatches:
@@ -290,14 +350,8 @@ class Trainer:
                 self.accelerator.init_trackers(project, config={k: str(v) for k, v in vars(args).items()})
         torch.autograd.set_detect_anomaly(args.detect_anomaly)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # no effect on CPU
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            params,
-            lr=args.learning_rate,
-            betas=(args.adam_beta1, args.adam_beta2),
-            eps=args.adam_epsilon,
-            weight_decay=args.adam_weight_decay,
-        )
+        optimizer = make_optimizer(model, args)
+        self.accelerator.print(describe_groups(optimizer))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lr_lambda(args.lr_scheduler, args.lr_warmup_steps, args.lr_schedule_steps or args.max_train_steps),
@@ -372,7 +426,13 @@ class Trainer:
                 raise ValueError(f"--resume_from_checkpoint {spec}: not a checkpoint folder")
         state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
         self.unwrapped.load_state_dict(load_file(path / "model.safetensors"), strict=True)
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+        optimizer = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+        try:
+            self.optimizer.load_state_dict(optimizer)
+        except ValueError as err:  # e.g. written by an optimizer with one parameter group for every weight
+            raise ValueError(
+                f"--resume_from_checkpoint {path}: its optimizer state does not fit this model ({err})"
+            ) from err
         self.scheduler.load_state_dict(state["scheduler"])
         rank = self.accelerator.process_index
         if state["num_processes"] == self.accelerator.num_processes:

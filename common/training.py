@@ -9,6 +9,9 @@
   the scheduler and trainer state (JSON) and each process's RNG state; nothing is pickled.
 - A NaN or infinite loss stops the run, naming the step, before the optimizer can apply it, so the
   last checkpoint stays good.
+- Weight decay reaches only the matrices that multiply a layer's input (linear, convolution and attention
+  projection weights, and free-standing `proj`/`projection` matrices); biases, norm gains, embeddings,
+  positional tables, learned rows such as a null condition, codebooks and temperatures are never decayed.
 - Streamed data (`common.data.streams.StreamData`: shards, `datasets` streaming) is read by every process and
   worker in parallel; each checkpoint holds every process's stream position (`data-{rank}.json`), so a resumed run
   continues with exactly the batches the uninterrupted one would have drawn.
@@ -25,7 +28,7 @@ import shutil
 import sys
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
+from torch import nn
 from tqdm.auto import tqdm
 
 from common.data import SkipReport, add_data_args
@@ -47,67 +51,141 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+LR_SCHEDULERS = ("constant", "cosine", "linear")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+TRACKERS = ("none", "tensorboard")
+
+
+@dataclass
+class TrainingConfig:
+    """Everything the Trainer reads. The training scripts build it from their flags (`from_args`), which have
+    these names and defaults (`add_training_args`); a bad value raises ValueError naming the flag."""
+
+    output_dir: Path  # checkpoints, metrics.jsonl and the final model go here
+    seed: int = 0  # data order, augmentation and initialization
+    train_batch_size: int = 64  # per process
+    gradient_accumulation_steps: int = 1
+    max_train_steps: int = 1000  # optimizer steps
+    learning_rate: float = 3e-4
+    lr_scheduler: str = "cosine"  # one of LR_SCHEDULERS, after a linear warm-up
+    lr_warmup_steps: int = 100
+    lr_schedule_steps: int | None = None  # the schedule's length (default max_train_steps); may run past the end
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    adam_weight_decay: float = 0.0  # on layer matrices only: see `decays`
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0  # 0: no clipping
+    mixed_precision: str = "no"  # one of MIXED_PRECISIONS
+    save_dtype: str = "float32"  # the final model's storage type (one of STORAGE_DTYPES); checkpoints stay float32
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int = 3
+    resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest"
+    validation_steps: int = 500  # how often the hooks run
+    logging_steps: int = 10
+    report_to: str = "none"  # one of TRACKERS
+    detect_anomaly: bool = False
+    dataloader_num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        self.output_dir = Path(self.output_dir)
+        at_least_one = (
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "max_train_steps",
+            "checkpointing_steps",
+            "checkpoints_total_limit",
+            "validation_steps",
+            "logging_steps",
+        )
+        for name in at_least_one:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        for name, choices in (
+            ("lr_scheduler", LR_SCHEDULERS),
+            ("mixed_precision", MIXED_PRECISIONS),
+            ("save_dtype", STORAGE_DTYPES),
+            ("report_to", TRACKERS),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if self.lr_schedule_steps is not None and self.lr_schedule_steps < self.max_train_steps:
+            raise ValueError(
+                f"--lr_schedule_steps ({self.lr_schedule_steps}) must be at least "
+                f"--max_train_steps ({self.max_train_steps})"
+            )
+        if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
+            raise ValueError(f"--learning_rate must be a positive number, got {self.learning_rate}")
+        for name in ("lr_warmup_steps", "adam_weight_decay", "max_grad_norm", "dataloader_num_workers"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.adam_epsilon > 0:
+            raise ValueError(f"--adam_epsilon must be positive, got {self.adam_epsilon}")
+        if self.report_to == "tensorboard":
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError as err:
+                raise ValueError(
+                    "--report_to tensorboard needs the tensorboard package: pip install tensorboard"
+                ) from err
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainingConfig:
+        """The settings from parsed flags (`add_training_args`); the other flags are ignored."""
+        given = vars(args)
+        return cls(**{f.name: given[f.name] for f in fields(cls) if f.name in given})
+
+
 def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> None:
-    """The flags every stage's training script takes (diffusers' names), plus the data flags."""
+    """The flags every stage's training script takes (diffusers' names), plus the data flags; `defaults` are the
+    stage's own (e.g. `learning_rate=5e-4`)."""
     add_data_args(parser)
+    d = TrainingConfig
     g = parser.add_argument_group("training")
     g.add_argument("--output_dir", required=True, help="where checkpoints, samples and the model go")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--train_batch_size", type=int, default=64, help="per process")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument("--learning_rate", type=float, default=3e-4)
-    g.add_argument("--lr_scheduler", choices=("constant", "cosine", "linear"), default="cosine")
-    g.add_argument("--lr_warmup_steps", type=int, default=100)
-    g.add_argument("--max_train_steps", type=int, default=1000)
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--train_batch_size", type=int, default=d.train_batch_size, help="per process")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=d.gradient_accumulation_steps)
+    g.add_argument("--learning_rate", type=float, default=d.learning_rate)
+    g.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default=d.lr_scheduler)
+    g.add_argument("--lr_warmup_steps", type=int, default=d.lr_warmup_steps)
+    g.add_argument("--max_train_steps", type=int, default=d.max_train_steps)
     g.add_argument(
         "--lr_schedule_steps",
         type=int,
-        default=None,
+        default=d.lr_schedule_steps,
         help="length of the learning-rate schedule (default --max_train_steps); longer stops training part-way "
         "along it, and a later run with a larger --max_train_steps resumes on the same schedule",
     )
-    g.add_argument("--adam_beta1", type=float, default=0.9)
-    g.add_argument("--adam_beta2", type=float, default=0.99)
-    g.add_argument("--adam_weight_decay", type=float, default=0.0)
-    g.add_argument("--adam_epsilon", type=float, default=1e-8)
-    g.add_argument("--max_grad_norm", type=float, default=1.0)
-    g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no")
+    g.add_argument("--adam_beta1", type=float, default=d.adam_beta1)
+    g.add_argument("--adam_beta2", type=float, default=d.adam_beta2)
+    g.add_argument(
+        "--adam_weight_decay",
+        type=float,
+        default=d.adam_weight_decay,
+        help="on layer matrices only; never on biases, norms, embeddings, codebooks or the temperature",
+    )
+    g.add_argument("--adam_epsilon", type=float, default=d.adam_epsilon)
+    g.add_argument("--max_grad_norm", type=float, default=d.max_grad_norm, help="0: no clipping")
+    g.add_argument("--mixed_precision", choices=MIXED_PRECISIONS, default=d.mixed_precision)
     g.add_argument(
         "--save_dtype",
         choices=STORAGE_DTYPES,
-        default="float32",
+        default=d.save_dtype,
         help="type the final model's weights are stored in (float16: half the size); checkpoints stay float32",
     )
-    g.add_argument("--checkpointing_steps", type=int, default=500)
-    g.add_argument("--checkpoints_total_limit", type=int, default=3)
+    g.add_argument("--checkpointing_steps", type=int, default=d.checkpointing_steps)
+    g.add_argument("--checkpoints_total_limit", type=int, default=d.checkpoints_total_limit)
     g.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint folder, or "latest"')
-    g.add_argument("--validation_steps", type=int, default=500, help="sample grid / validation every N steps")
-    g.add_argument("--logging_steps", type=int, default=10)
-    g.add_argument("--report_to", choices=("none", "tensorboard"), default="none")
+    g.add_argument(
+        "--validation_steps", type=int, default=d.validation_steps, help="sample grid / validation every N steps"
+    )
+    g.add_argument("--logging_steps", type=int, default=d.logging_steps)
+    g.add_argument("--report_to", choices=TRACKERS, default=d.report_to)
     g.add_argument("--detect_anomaly", action="store_true", help="torch.autograd anomaly detection (slow)")
     parser.set_defaults(**defaults)
-
-
-def check_training_args(args: argparse.Namespace) -> None:
-    """Refuse nonsensical flag values with a message naming the flag."""
-    positive = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps")
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.lr_schedule_steps is not None and args.lr_schedule_steps < args.max_train_steps:
-        raise ValueError(
-            f"--lr_schedule_steps ({args.lr_schedule_steps}) must be at least "
-            f"--max_train_steps ({args.max_train_steps})"
-        )
-    if not args.learning_rate > 0 or not math.isfinite(args.learning_rate):
-        raise ValueError(f"--learning_rate must be a positive number, got {args.learning_rate}")
-    if args.lr_warmup_steps < 0:
-        raise ValueError(f"--lr_warmup_steps must be >= 0, got {args.lr_warmup_steps}")
-    if args.report_to == "tensorboard":
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError as err:
-            raise ValueError("--report_to tensorboard needs the tensorboard package: pip install tensorboard") from err
 
 
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -122,6 +200,65 @@ def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
         return 1.0
 
     return factor
+
+
+# the layers whose matrices weight decay applies to, and the names of those matrices
+DECAYED_LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention)
+DECAYED_NAMES = frozenset({"weight", "in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"})
+
+
+def decays(module: nn.Module, name: str, param: nn.Parameter) -> bool:
+    """Whether weight decay applies to `module`'s own parameter `name`.
+
+    Only matrices that multiply an input are decayed: the weights of linear, convolution and attention layers,
+    and free-standing matrices named `...proj` or `...projection` (open_clip's output projections). That is
+    open_clip's rule (no decay for `ndim < 2`, norms, biases, `logit_scale`) and nanoGPT's (only 2-D weights),
+    with embeddings also left out as in minGPT: token and positional tables, learned rows (a null condition, a
+    start token) and codebooks are looked up or added, not multiplied, and decaying them pulls them to zero.
+    """
+    if param.ndim < 2:
+        return False
+    if isinstance(module, DECAYED_LAYERS):
+        return name in DECAYED_NAMES
+    return name.endswith(("proj", "projection"))
+
+
+def weight_decay_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """The trainable parameters split into (decayed, not decayed), each in `model.parameters()` order."""
+    decayed, kept = [], []
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if param.requires_grad and id(param) not in seen:  # a tied parameter is counted once
+                seen.add(id(param))
+                (decayed if decays(module, name, param) else kept).append(param)
+    return decayed, kept
+
+
+def make_optimizer(model: nn.Module, settings: TrainingConfig) -> torch.optim.AdamW:
+    """AdamW with two parameter groups: `adam_weight_decay` on the decayed ones, none on the others."""
+    decayed, kept = weight_decay_groups(model)
+    groups = [
+        {"params": params, "weight_decay": decay}
+        for params, decay in ((decayed, settings.adam_weight_decay), (kept, 0.0))
+        if params
+    ]
+    return torch.optim.AdamW(
+        groups,
+        lr=settings.learning_rate,
+        betas=(settings.adam_beta1, settings.adam_beta2),
+        eps=settings.adam_epsilon,
+    )
+
+
+def describe_groups(model: nn.Module, weight_decay: float) -> str:
+    """One line: how many tensors and parameters weight decay reaches, and how many it leaves alone."""
+
+    def size(params: list[nn.Parameter]) -> str:
+        return f"{len(params)} tensors ({sum(p.numel() for p in params):,} parameters)"
+
+    decayed, kept = weight_decay_groups(model)
+    return f"optimizer: weight decay {weight_decay:g} on {size(decayed)}; none on {size(kept)}"
 
 
 class StepBatches:
@@ -263,14 +400,17 @@ class TrainerHooks:
 
 
 class Trainer:
-    """Runs `compute_loss(model, batch, step) -> (loss, logs)` for `args.max_train_steps` optimizer steps.
+    """Runs `compute_loss(model, batch, step) -> (loss, logs)` for `settings.max_train_steps` optimizer steps.
 
-    `dataset` is a map-style dataset or a `StreamData`. With `batch_key` (e.g. a normalized caption of a row's
-    "text"), no batch holds two rows with the same key."""
+    `dataset[i]` is one row, or `dataset` is a `StreamData`; `transform(row, generator)` (augmentation, condition
+    dropout) draws from a generator seeded by (seed, epoch, row); `collate` makes a batch of rows; `batch_key`
+    (e.g. a row's normalized caption) keeps rows with equal keys out of one batch; `hooks` run every N steps on
+    the main process; `hparams` are what a tracker records for the run (default: the settings).
+    """
 
     def __init__(
         self,
-        args: argparse.Namespace,
+        settings: TrainingConfig,
         model: torch.nn.Module,
         dataset: torch.utils.data.Dataset | StreamData,
         compute_loss: Callable[[torch.nn.Module, Any, int], tuple[torch.Tensor, dict[str, float]]],
@@ -280,39 +420,34 @@ class Trainer:
         hooks: TrainerHooks | None = None,
         batch_key: Callable[[str], Hashable] | None = None,
         project: str = "vqclip",
+        hparams: dict[str, Any] | None = None,
     ) -> None:
-        check_training_args(args)
-        self.args = args
-        self.output_dir = Path(args.output_dir)
+        self.settings = settings
+        self.output_dir = settings.output_dir
         self.accelerator = Accelerator(
             # with no GPU, `accelerate launch --multi_gpu --num_processes N` runs N CPU processes over gloo
             cpu=not torch.cuda.is_available(),
-            mixed_precision=args.mixed_precision,
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-            log_with=None if args.report_to == "none" else args.report_to,
+            mixed_precision=settings.mixed_precision,
+            gradient_accumulation_steps=settings.gradient_accumulation_steps,
+            log_with=None if settings.report_to == "none" else settings.report_to,
             project_dir=str(self.output_dir),
         )
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            if args.report_to != "none":
-                self.accelerator.init_trackers(project, config={k: str(v) for k, v in vars(args).items()})
-        torch.autograd.set_detect_anomaly(args.detect_anomaly)
+            if settings.report_to != "none":
+                tracked = asdict(settings) if hparams is None else hparams
+                self.accelerator.init_trackers(project, config={k: str(v) for k, v in tracked.items()})
+        torch.autograd.set_detect_anomaly(settings.detect_anomaly)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # no effect on CPU
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            params,
-            lr=args.learning_rate,
-            betas=(args.adam_beta1, args.adam_beta2),
-            eps=args.adam_epsilon,
-            weight_decay=args.adam_weight_decay,
+        optimizer = make_optimizer(model, settings)
+        self.accelerator.print(describe_groups(model, settings.adam_weight_decay))
+        schedule = lr_lambda(
+            settings.lr_scheduler, settings.lr_warmup_steps, settings.lr_schedule_steps or settings.max_train_steps
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lr_lambda(args.lr_scheduler, args.lr_warmup_steps, args.lr_schedule_steps or args.max_train_steps),
-        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.stream = dataset if isinstance(dataset, StreamData) else None
-        self.dataset = dataset if self.stream is not None else KeyedDataset(dataset, args.seed, transform)
+        self.dataset = dataset if self.stream is not None else KeyedDataset(dataset, settings.seed, transform)
         self.transform = transform
         self.compute_loss = compute_loss
         self.collate = collate
@@ -364,14 +499,14 @@ class Trainer:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            for old in list_checkpoints(self.output_dir)[: -self.args.checkpoints_total_limit]:
+            for old in list_checkpoints(self.output_dir)[: -self.settings.checkpoints_total_limit]:
                 shutil.rmtree(old)
         acc.wait_for_everyone()
         return final
 
     def resume(self) -> None:
-        """Load `--resume_from_checkpoint` (a path or "latest") if given; sets `self.step`."""
-        spec = self.args.resume_from_checkpoint
+        """Load `resume_from_checkpoint` (a path or "latest") if given; sets `self.step`."""
+        spec = self.settings.resume_from_checkpoint
         if not spec:
             return
         if spec == "latest":
@@ -386,7 +521,13 @@ class Trainer:
                 raise ValueError(f"--resume_from_checkpoint {spec}: not a checkpoint folder")
         state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
         self.unwrapped.load_state_dict(load_file(path / "model.safetensors"), strict=True)
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+        optimizer = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+        try:
+            self.optimizer.load_state_dict(optimizer)
+        except ValueError as err:  # e.g. written by an optimizer with one parameter group for every weight
+            raise ValueError(
+                f"--resume_from_checkpoint {path}: its optimizer state does not fit this model ({err})"
+            ) from err
         self.scheduler.load_state_dict(state["scheduler"])
         rank = self.accelerator.process_index
         if state["num_processes"] == self.accelerator.num_processes:
@@ -413,7 +554,7 @@ class Trainer:
         acc = self.accelerator
         if self.stream is not None:
             batches = self.stream.loader(
-                batch_size=self.args.train_batch_size,
+                batch_size=self.settings.train_batch_size,
                 rank=acc.process_index,
                 world_size=acc.num_processes,
                 transform=self.transform,
@@ -427,16 +568,18 @@ class Trainer:
         keys = None if self.batch_key is None else [self.batch_key(text) for text in self.dataset.base.captions]
         batches = StepBatches(
             len(self.dataset),
-            self.args.train_batch_size,
+            self.settings.train_batch_size,
             acc.num_processes,
             acc.process_index,
-            self.args.seed,
-            start=self.step * self.args.gradient_accumulation_steps,
+            self.settings.seed,
+            start=self.step * self.settings.gradient_accumulation_steps,
             keys=keys,
         )
-        workers = getattr(self.args, "dataloader_num_workers", 0) or 0
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=batches, collate_fn=self.collate, num_workers=workers
+            self.dataset,
+            batch_sampler=batches,
+            collate_fn=self.collate,
+            num_workers=self.settings.dataloader_num_workers,
         )
         for batch in loader:
             yield _to_device(batch, acc.device)
@@ -449,21 +592,21 @@ class Trainer:
             raise NonFiniteLossError(f"the loss became {loss.item()} at step {self.step + 1}{kept}")
 
     def fit(self) -> None:
-        acc, args = self.accelerator, self.args
+        acc, settings = self.accelerator, self.settings
         self.resume()
         data = self._loader()
-        bar = tqdm(total=args.max_train_steps, initial=self.step, desc="training", disable=not acc.is_main_process)
+        bar = tqdm(total=settings.max_train_steps, initial=self.step, desc="training", disable=not acc.is_main_process)
         self.model.train()
-        while self.step < args.max_train_steps:
+        while self.step < settings.max_train_steps:
             logs: dict[str, float] = {}
-            for _ in range(args.gradient_accumulation_steps):
+            for _ in range(settings.gradient_accumulation_steps):
                 batch = next(data)
                 with acc.accumulate(self.model):
                     loss, logs = self.compute_loss(self.model, batch, self.step)
                     self._check_finite(loss)
                     acc.backward(loss)
-                    if acc.sync_gradients and args.max_grad_norm > 0:
-                        acc.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+                    if acc.sync_gradients and settings.max_grad_norm > 0:
+                        acc.clip_grad_norm_(self.model.parameters(), settings.max_grad_norm)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
@@ -472,12 +615,12 @@ class Trainer:
             bar.update()
             if self.stream is not None:
                 logs["skipped"] = self.stream.report().skipped.total()
-            if self.step % args.logging_steps == 0 or self.step == args.max_train_steps:
+            if self.step % settings.logging_steps == 0 or self.step == settings.max_train_steps:
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
                 self._log(logs)
-            if self.step % args.checkpointing_steps == 0 or self.step == args.max_train_steps:
+            if self.step % settings.checkpointing_steps == 0 or self.step == settings.max_train_steps:
                 self.save_checkpoint()
-            self.run_hooks(final=self.step == args.max_train_steps)
+            self.run_hooks(final=self.step == settings.max_train_steps)
         bar.close()
         acc.end_training()
 
@@ -495,7 +638,7 @@ class Trainer:
         `--save_dtype`, and return it as saved: reloaded when the save rounded its weights, so that the final
         evaluation measures the files."""
         model = model if model is not None else self.unwrapped
-        dtype = storage_dtype(self.args.save_dtype)
+        dtype = storage_dtype(self.settings.save_dtype)
         model.save_pretrained(self.output_dir, dtype)
         if dtype is None:
             return model

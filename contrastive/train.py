@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 
 from common.data import DataConfig, collate, load_image_text
-from common.training import Trainer, TrainerHooks, add_training_args, run_script, write_eval
+from common.training import Trainer, TrainerHooks, TrainingConfig, add_training_args, run_script, write_eval
 from contrastive.evaluate import caption_key, retrieval_metrics
 from contrastive.model import PRESETS, ContrastiveModel
 
@@ -92,6 +92,7 @@ def make_loss():
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
     args = parse_args(argv)
+    settings = TrainingConfig.from_args(args)  # refuses bad training flags before the data is read
     set_seed(args.seed)
     data = load_image_text(DataConfig.from_args(args), seed=args.seed)
     config = PRESETS[args.preset].replace({"resolution": args.resolution}).replace_json(args.model_config)
@@ -104,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
         return {f"val_{k}": v for k, v in metrics.items() if k.endswith(("r1", "r5"))}
 
     trainer = Trainer(
-        args,
+        settings,
         model,
         data.train,
         make_loss(),
@@ -112,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
         transform=lambda sample, generator: augment(sample, generator, args.crop_scale),
         hooks=TrainerHooks([(args.validation_steps, validate)]),
         batch_key=caption_key,
+        hparams=vars(args),
     )
     trainer.fit()
     skipped = trainer.skipped(data.report)

@@ -30,7 +30,7 @@ from PIL import Image
 
 from common.data import DataConfig
 from common.grid import make_grid, to_pil
-from common.training import Trainer, TrainerHooks, add_training_args, run_script, write_eval
+from common.training import Trainer, TrainerHooks, TrainingConfig, add_training_args, run_script, write_eval
 from contrastive.model import ContrastiveConfig, ContrastiveModel
 from prior.codes import cached_codes
 from prior.model import PRESETS, Prior, PriorConfig, check_sampling_args
@@ -170,6 +170,7 @@ def sample_grid(
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
     args = parse_args(argv)
+    settings = TrainingConfig.from_args(args)  # refuses bad training flags before the data is read
     # the Trainer's Accelerator joins this state; encoding the codes may keep one process waiting for the others
     # longer than a collective's default timeout
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=datetime.timedelta(hours=12))
@@ -220,12 +221,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
         return {**sample, "drop": torch.rand((), generator=generator) < config.cond_drop_prob}
 
     trainer = Trainer(
-        args,
+        settings,
         model,
         train,
         make_loss(text),
         transform=draw_drop,
         hooks=TrainerHooks([(args.validation_steps, validate), (args.validation_steps, save_samples)]),
+        hparams=vars(args),
     )
     trainer.fit()
     if not trainer.accelerator.is_main_process:

@@ -1,10 +1,26 @@
 import argparse
+from dataclasses import fields
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.training import NonFiniteLossError, StepBatches, Trainer, add_training_args, list_checkpoints
+from common.training import (
+    NonFiniteLossError,
+    StepBatches,
+    Trainer,
+    TrainingConfig,
+    add_training_args,
+    list_checkpoints,
+    make_optimizer,
+)
+from contrastive.model import PRESETS as CONTRASTIVE_PRESETS
+from contrastive.model import ContrastiveModel
+from prior.model import PRESETS as PRIOR_PRESETS
+from prior.model import Prior
+from vqvae.gan import VQGAN, PatchDiscriminator
+from vqvae.model import PRESETS as VQVAE_PRESETS
+from vqvae.model import VQVAE
 
 
 class Rows(torch.utils.data.Dataset):
@@ -15,13 +31,18 @@ class Rows(torch.utils.data.Dataset):
         return torch.full((4,), float(i))
 
 
-def _args(tmp_path, *extra):
+def _settings(tmp_path, **changes) -> TrainingConfig:
+    fixed = dict(train_batch_size=4, max_train_steps=6, checkpointing_steps=2, lr_warmup_steps=0)
+    return TrainingConfig(output_dir=tmp_path, **{**fixed, **changes})
+
+
+def test_the_flags_give_the_settings_with_the_same_defaults(tmp_path):
     parser = argparse.ArgumentParser()
-    add_training_args(parser)
-    return parser.parse_args(
-        ["--output_dir", str(tmp_path), "--train_batch_size", "4", "--max_train_steps", "6", "--checkpointing_steps",
-         "2", "--lr_warmup_steps", "0", *extra]
-    )  # fmt: skip
+    add_training_args(parser, learning_rate=5e-4)
+    args = parser.parse_args(["--output_dir", str(tmp_path), "--train_batch_size", "8", "--detect_anomaly"])
+    settings = TrainingConfig.from_args(args)
+    assert settings == TrainingConfig(tmp_path, learning_rate=5e-4, train_batch_size=8, detect_anomaly=True)
+    assert {f.name for f in fields(TrainingConfig)} <= vars(args).keys()  # every setting has its flag
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
@@ -31,7 +52,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(
         loss = m(batch).pow(2).mean()
         return (loss * float("nan") if step == 4 else loss), {}
 
-    trainer = Trainer(_args(tmp_path), model, Rows(), compute_loss, collate=torch.stack)
+    trainer = Trainer(_settings(tmp_path), model, Rows(), compute_loss, collate=torch.stack)
     with pytest.raises(NonFiniteLossError, match=r"at step 5; the last good checkpoint is .*checkpoint-4"):
         trainer.fit()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4"]
@@ -45,31 +66,134 @@ def test_data_order_is_the_same_for_one_and_two_processes():
         assert next(one) == next(two[0]) + next(two[1])
 
 
-def test_bad_flags_are_named(tmp_path):
-    with pytest.raises(ValueError, match="--train_batch_size"):
-        Trainer(_args(tmp_path, "--train_batch_size", "0"), torch.nn.Linear(4, 1), Rows(), None)
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"train_batch_size": 0}, "--train_batch_size must be at least 1"),
+     ({"logging_steps": 0}, "--logging_steps must be at least 1"),
+     ({"lr_schedule_steps": 3}, r"--lr_schedule_steps \(3\) must be at least --max_train_steps \(6\)"),
+     ({"learning_rate": float("nan")}, "--learning_rate must be a positive number"),
+     ({"lr_scheduler": "step"}, "--lr_scheduler must be one of constant, cosine, linear"),
+     ({"adam_beta2": 1.0}, r"--adam_beta2 must be in \[0, 1\)"),
+     ({"adam_weight_decay": -0.1}, "--adam_weight_decay must be >= 0")],
+)  # fmt: skip
+def test_bad_settings_are_named(tmp_path, change, message):
+    with pytest.raises(ValueError, match=message):
+        _settings(tmp_path, **change)
+
+
+def test_too_few_rows_for_a_batch_are_refused():
     with pytest.raises(ValueError, match="fewer than one global batch"):
         StepBatches(3, 4, 1, 0, seed=0)
 
 
-def _fit(tmp_path, *extra) -> torch.Tensor:
+def _fit(tmp_path, **changes) -> torch.Tensor:
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
-    args = _args(tmp_path, "--learning_rate", "0.05", "--lr_scheduler", "cosine", *extra)
-    Trainer(args, model, Rows(), lambda m, batch, step: (m(batch / 32).pow(2).mean(), {}), collate=torch.stack).fit()
+    settings = _settings(tmp_path, learning_rate=0.05, lr_scheduler="cosine", **changes)
+    Trainer(
+        settings, model, Rows(), lambda m, batch, step: (m(batch / 32).pow(2).mean(), {}), collate=torch.stack
+    ).fit()
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
 def test_a_longer_lr_schedule_stops_part_way_and_resumes_on_the_same_schedule(tmp_path):
-    full = _fit(tmp_path / "full", "--max_train_steps", "6", "--checkpointing_steps", "4")
+    full = _fit(tmp_path / "full", max_train_steps=6, checkpointing_steps=4)
     full_at_4 = torch.load(tmp_path / "full" / "checkpoints" / "checkpoint-4" / "optimizer.pt", weights_only=True)
-    part = _fit(tmp_path / "part", "--max_train_steps", "4", "--lr_schedule_steps", "6")
+    part = _fit(tmp_path / "part", max_train_steps=4, lr_schedule_steps=6)
     part_state = torch.load(tmp_path / "part" / "checkpoints" / "checkpoint-4" / "optimizer.pt", weights_only=True)
     assert part_state["param_groups"][0]["lr"] == full_at_4["param_groups"][0]["lr"]
     weights = [load_file(tmp_path / r / "checkpoints" / "checkpoint-4" / "model.safetensors") for r in ("full", "part")]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert not torch.equal(part, full)
-    resumed = _fit(tmp_path / "part", "--max_train_steps", "6", "--resume_from_checkpoint", "latest")
+    resumed = _fit(tmp_path / "part", max_train_steps=6, resume_from_checkpoint="latest")
     assert torch.equal(resumed, full)
-    with pytest.raises(ValueError, match="--lr_schedule_steps"):
-        Trainer(_args(tmp_path, "--lr_schedule_steps", "3"), torch.nn.Linear(4, 1), Rows(), None)
+
+
+class Layers(torch.nn.Module):
+    """One parameter of each kind weight decay must leave alone, next to layers it must reach."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.pos = torch.nn.Parameter(torch.randn(3, 4))
+        self.linear = torch.nn.Linear(4, 4)
+        self.conv = torch.nn.Conv1d(4, 4, 1)
+        self.batch_norm = torch.nn.BatchNorm1d(4)
+        self.layer_norm = torch.nn.LayerNorm(4)
+        self.group_norm = torch.nn.GroupNorm(2, 4)
+        self.frozen = torch.nn.Linear(4, 4).requires_grad_(False)
+
+
+def _decayed_names(optimizer, model) -> tuple[set[str], set[str]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {group["weight_decay"] > 0: {names[id(p)] for p in group["params"]} for group in optimizer.param_groups}
+    return groups.get(True, set()), groups.get(False, set())
+
+
+@pytest.mark.parametrize(
+    ("model", "decayed", "not_decayed"),
+    [
+        (
+            lambda: ContrastiveModel(CONTRASTIVE_PRESETS["tiny"]),
+            {"clip.visual.conv1.weight", "clip.visual.proj", "clip.text_projection",
+             "clip.transformer.resblocks.0.attn.in_proj_weight", "clip.transformer.resblocks.0.mlp.c_fc.weight"},
+            {"clip.logit_scale", "clip.token_embedding.weight", "clip.positional_embedding",
+             "clip.visual.positional_embedding", "clip.visual.class_embedding", "clip.ln_final.weight",
+             "clip.transformer.resblocks.0.attn.in_proj_bias", "clip.visual.ln_pre.bias"},
+        ),
+        (
+            lambda: Prior(PRIOR_PRESETS["tiny"]),
+            {"text_proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.mlp.0.weight", "head.weight"},
+            {"null_text", "start", "row_pos", "col_pos", "text_pos", "code_embed.weight", "norm.weight",
+             "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias"},
+        ),
+        (
+            lambda: VQGAN(VQVAE(VQVAE_PRESETS["tiny"]), PatchDiscriminator(16, 2)),
+            {"vqvae.encoder.net.0.weight", "vqvae.decoder.net.0.weight", "discriminator.net.0.weight"},
+            {"vqvae.quantizer.codebook", "vqvae.encoder.net.1.block.0.weight", "vqvae.encoder.net.0.bias",
+             "discriminator.net.3.weight"},
+        ),
+        (
+            Layers,
+            {"linear.weight", "conv.weight"},
+            {"embed.weight", "pos", "linear.bias", "conv.bias", "batch_norm.weight", "batch_norm.bias",
+             "layer_norm.weight", "layer_norm.bias", "group_norm.weight", "group_norm.bias"},
+        ),
+    ],
+)  # fmt: skip
+def test_weight_decay_reaches_layer_matrices_only(tmp_path, model, decayed, not_decayed):
+    torch.manual_seed(0)
+    model = model()
+    optimizer = make_optimizer(model, _settings(tmp_path, learning_rate=0.5, adam_weight_decay=0.1))
+    got_decayed, got_not_decayed = _decayed_names(optimizer, model)
+    assert decayed <= got_decayed and not_decayed <= got_not_decayed
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert got_decayed | got_not_decayed == trainable and not got_decayed & got_not_decayed
+    # one step on zero gradients moves a parameter only through weight decay: by lr * decay = 5% of itself
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for name, p in model.named_parameters():
+        expected = before[name] * 0.95 if name in got_decayed else before[name]
+        assert torch.allclose(p, expected, rtol=1e-6, atol=0), name
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_the_trainer_logs_its_weight_decay_groups(tmp_path, capsys):
+    model = Layers()
+    trainer = Trainer(_settings(tmp_path, adam_weight_decay=0.1), model, Rows(), None)
+    assert _decayed_names(trainer.optimizer, model) == _decayed_names(make_optimizer(model, trainer.settings), model)
+    assert "weight decay 0.1 on 2 tensors (32 parameters); none on 10 tensors (84 parameters)" in (
+        capsys.readouterr().out
+    )
+
+
+def test_a_checkpoint_whose_optimizer_groups_do_not_fit_is_refused_by_name(tmp_path):
+    _fit(tmp_path, max_train_steps=2)
+    path = tmp_path / "checkpoints" / "checkpoint-2" / "optimizer.pt"
+    state = torch.load(path, weights_only=True)
+    merged = {**state["param_groups"][0], "params": [i for g in state["param_groups"] for i in g["params"]]}
+    torch.save({**state, "param_groups": [merged]}, path)  # one group for every weight
+    with pytest.raises(ValueError, match="checkpoint-2: its optimizer state does not fit this model"):
+        _fit(tmp_path, max_train_steps=4, resume_from_checkpoint="latest")

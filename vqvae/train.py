@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 
 from common.data import DataConfig, collate, load_image_text
 from common.metrics import psnr
-from common.training import Trainer, TrainerHooks, add_training_args, run_script, write_eval
+from common.training import Trainer, TrainerHooks, TrainingConfig, add_training_args, run_script, write_eval
 from vqvae.evaluate import evaluate, reconstruction_grid
 from vqvae.gan import VQGAN, PatchDiscriminator, adaptive_weight, hinge_discriminator_loss
 from vqvae.model import PRESETS, VQVAE
@@ -90,6 +90,7 @@ def make_loss(args: argparse.Namespace):
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
     args = parse_args(argv)
+    settings = TrainingConfig.from_args(args)  # refuses bad training flags before the data is read
     set_seed(args.seed)
     data = load_image_text(DataConfig.from_args(args), seed=args.seed)
     model = build_model(args)
@@ -104,12 +105,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
         grid.save(output_dir / "samples" / f"reconstruction-{step:06d}.png")
 
     trainer = Trainer(
-        args,
+        settings,
         model,
         data.train,
         make_loss(args),
         collate=collate,
         hooks=TrainerHooks([(args.validation_steps, save_grid)]),
+        hparams=vars(args),
     )
     trainer.fit()
     skipped = trainer.skipped(data.report)

@@ -45,6 +45,7 @@ from common.data.streams import StreamData, seeded_generator
 from common.hub import STORAGE_DTYPES, PretrainedModel, atomic_write_text, save_state_dict, storage_dtype
 
 CHECKPOINT_PREFIX = "checkpoint-"
+SHARED_OUTPUT = "with several machines, --output_dir must be on a filesystem that all of them share"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -473,6 +474,8 @@ class Trainer:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
+        if not tmp.is_dir():
+            raise ValueError(f"{tmp} is not visible to process {acc.process_index}: {SHARED_OUTPUT}")
         tensors, plain = _rng_state()
         save_file(tensors, tmp / f"rng-{acc.process_index}.safetensors")
         (tmp / f"rng-{acc.process_index}.json").write_text(json.dumps(plain), encoding="utf-8")
@@ -493,6 +496,9 @@ class Trainer:
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
         acc.wait_for_everyone()
         if acc.is_main_process:
+            missing = [r for r in range(acc.num_processes) if not (tmp / f"rng-{r}.json").is_file()]
+            if missing:
+                raise ValueError(f"the checkpoint files of processes {missing} are not in {tmp}: {SHARED_OUTPUT}")
             for f in tmp.iterdir():
                 with open(f, "rb") as handle:
                     os.fsync(handle.fileno())

@@ -4,6 +4,9 @@ rate shards and folders deliver pictures, and training speed from shards against
     python benchmarks/data_throughput.py                       # builds the shapes worlds under --work
     python benchmarks/data_throughput.py --large 20000         # a shorter run
 
+The large world is `--large / --copies` rendered pictures whose shards are each written `--copies` times under new
+names: rendering 200,000 pictures would take the CPU longer than every other part of the benchmark together.
+
 Keys: `first_step_s_small` / `first_step_s_large` (process start to the first optimizer step of `vqvae.train`,
 tiny preset, 64 px), `peak_rss_mb_small` / `peak_rss_mb_large` (the training process's peak memory until then),
 `stream_images_per_s` (decoded, resized 64 px samples per second from shards, 2 DataLoader workers),
@@ -19,6 +22,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -32,15 +36,24 @@ sys.path.insert(0, str(ROOT))
 
 from common.data import DataConfig, collate, load_image_text  # noqa: E402
 from common.data.load import build_corpus  # noqa: E402
+from common.data.shards import stats_path  # noqa: E402
 from corpora import shapes  # noqa: E402
 
 
-def build(out: Path, images: int) -> Path:
-    """The shapes world at 64 px, as shards (and, for the small one, also as a folder); built once."""
-    if not (out / "shards" / "train").is_dir():
+def build(out: Path, images: int, copies: int = 1) -> Path:
+    """The shapes world at 64 px as shards, built once: `images // copies` rendered pictures, each shard written
+    `copies` times under new names (so `images` samples in all, each with its own key)."""
+    train = out / "shards" / "train"
+    if not train.is_dir():
+        rendered = images // copies
         build_corpus(
-            lambda folder: shapes.build(folder, images, resolution=64, seed=0), out / "shards", "shards", 10_000
+            lambda folder: shapes.build(folder, rendered, resolution=64, seed=0), out / "shards", "shards", 10_000
         )
+        for shard in sorted(train.glob("*.tar")):
+            for copy in range(1, copies):
+                name = f"{copy:03d}{shard.stem}.tar"
+                shutil.copyfile(shard, train / name)
+                shutil.copyfile(stats_path(shard), stats_path(train / name))
     return out
 
 
@@ -148,11 +161,15 @@ def main() -> None:
     parser.add_argument("--work", default="outputs/data_throughput", help="where the worlds and runs go")
     parser.add_argument("--small", type=int, default=2_000)
     parser.add_argument("--large", type=int, default=200_000)
+    parser.add_argument(
+        "--copies", type=int, default=10, help="the large world renders --large / --copies pictures, its shards copied"
+    )
     parser.add_argument("--preset", default="f4", help="the tokenizer preset whose training speed is compared")
     parser.add_argument("--steps", type=int, default=20, help="training steps timed for each data path")
     args = parser.parse_args()
     work = Path(args.work)
-    small, large = build(work / f"shapes-{args.small}", args.small), build(work / f"shapes-{args.large}", args.large)
+    small = build(work / f"shapes-{args.small}", args.small)
+    large = build(work / f"shapes-{args.large}", args.large, args.copies)
     runs = work / "runs"
     for old in runs.glob("*/metrics.jsonl"):
         old.unlink()
@@ -180,6 +197,7 @@ def main() -> None:
         "shards_steps_per_s": round(shards, 3),
         "cached_steps_per_s": round(cached_rate, 3),
         "images": [args.small, args.large],
+        "large_copies": args.copies,
         "preset": args.preset,
         "threads": torch.get_num_threads(),
     }

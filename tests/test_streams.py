@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shutil
@@ -280,3 +281,16 @@ def test_the_launch_configs_are_valid_accelerate_configs(name, machines):
         machines,
         8 * machines,
     )
+
+
+def test_caching_more_pixels_than_memory_holds_is_refused(shapes_shards, monkeypatch):
+    import psutil
+
+    class Small:
+        available = 300 * RES * RES * 3  # twice 240 + 60 rows would not fit in half of it
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Small)
+    config = DataConfig(train_data_dir=str(shapes_shards / "folder"), resolution=RES, cache_images=True)
+    with pytest.raises(ValueError, match="--cache_images would hold"):
+        load_image_text(config, progress=False)
+    assert len(load_image_text(dataclasses.replace(config, cache_images=False), progress=False).train) == 240

@@ -415,6 +415,22 @@ def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _check_cache_fits(rows: int, config: DataConfig) -> None:
+    """Refuse --cache_images when the resized pixels would take more than half the memory available now."""
+    if not config.cache_images:
+        return
+    import psutil
+
+    needed = rows * config.resolution**2 * 3
+    available = psutil.virtual_memory().available
+    if needed > available / 2:
+        raise ValueError(
+            f"--cache_images would hold {needed / 2**30:.1f} GiB of pixels ({rows} rows at {config.resolution} px) "
+            f"in each process, over half of the {available / 2**30:.1f} GiB available; leave it out, or write the "
+            "data as shards (vqclip data shards) and train with --train_shards"
+        )
+
+
 def load_mapped(config: DataConfig, *, seed: int = 0, progress: bool = True) -> ImageTextSplits:
     """Read, check and split a folder or a `datasets` dataset, every image decoded once by a scan.
 
@@ -437,6 +453,7 @@ def load_mapped(config: DataConfig, *, seed: int = 0, progress: bool = True) -> 
     held_out = _validation_size(len(train), config.validation_fraction) if validation is None else 0
     if config.max_train_samples is not None and len(train) > config.max_train_samples + held_out:
         train, _ = _sample(train, config.max_train_samples + held_out, rng)
+    _check_cache_fits(len(train) + (len(validation) if validation is not None else 0), config)
     train = _scan(train, config, report, progress=progress, desc="checking images")
     if validation is None:
         validation, train = _sample(train, min(held_out, max(len(train) - 1, 0)), rng)

@@ -185,9 +185,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
     if config.cond_drop_prob == 0 and args.guidance_scale != 1:
         raise ValueError("--guidance_scale needs a null condition trained with --cond_drop_prob > 0; set it to 1")
     output_dir = Path(args.output_dir)
+    data = DataConfig.from_args(args)
     train, validation = cached_codes(  # every process encodes its share of what the codes folder lacks
         args.vqvae,
-        DataConfig.from_args(args),
+        data,
         args.codes_cache or output_dir / "codes",
         seed=args.seed,
         batch_size=args.train_batch_size,
@@ -234,7 +235,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
         return None
     final = trainer.save_model()
     samples(final).save(output_dir / "samples.png")
-    metrics = {"bits_per_code": bits_per_code(final, validation, text, args.train_batch_size), "rows": len(validation)}
+    limit = data.max_validation_samples or (1000 if data.is_stream else len(validation))  # as the other stages
+    rows = torch.utils.data.Subset(validation, range(min(limit, len(validation))))
+    metrics = {"bits_per_code": bits_per_code(final, rows, text, args.train_batch_size), "rows": len(rows)}
     return write_eval(output_dir, metrics)
 
 

@@ -11,22 +11,43 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from common.data.load import add_format_args
 from common.hub import STORAGE_DTYPES, ModelLoadError, storage_dtype
 
 
 def _data_shapes(args: argparse.Namespace) -> None:
+    from common.data.load import build_corpus
     from corpora import shapes
 
-    counts = shapes.build(
-        args.out,
-        args.num_images,
-        resolution=args.resolution,
-        seed=args.seed,
-        val_fraction=args.val_fraction,
-        workers=args.workers,
-    )
+    def build(folder: Path) -> dict[str, int]:
+        return shapes.build(
+            folder,
+            args.num_images,
+            resolution=args.resolution,
+            seed=args.seed,
+            val_fraction=args.val_fraction,
+            workers=args.workers,
+        )
+
+    counts = build_corpus(build, args.out, args.format, args.samples_per_shard)
     print(f"wrote {counts['train']} training and {counts['validation']} validation images to {args.out}")
+
+
+def _data_shards(args: argparse.Namespace) -> None:
+    from common.data.load import source_config, write_splits_as_shards
+
+    config = source_config(
+        args.source,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        validation_fraction=args.validation_fraction,
+    )
+    written = write_splits_as_shards(config, args.out, args.samples_per_shard, seed=args.seed, workers=args.workers)
+    print(f"wrote {', '.join(f'{n} {split}' for split, n in written.items())} samples as shards in {args.out}")
+    validation = f" --validation_shards {Path(args.out) / 'validation'}" if "validation" in written else ""
+    print(f"train on them with: --train_shards {Path(args.out) / 'train'}{validation}")
 
 
 def _add_data_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -39,7 +60,30 @@ def _add_data_cli(subparsers: argparse._SubParsersAction) -> None:
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--val-fraction", type=float, default=0.1)
     shapes.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
+    add_format_args(shapes)
     shapes.set_defaults(func=_data_shapes)
+
+    shards = kinds.add_parser(
+        "shards", help="write any data the stages read (a folder or a dataset) as webdataset shards"
+    )
+    shards.add_argument(
+        "--from", dest="source", required=True, help="a folder, data file, save_to_disk folder or hub name"
+    )
+    shards.add_argument("--out", required=True, help="output folder: shards go into OUT/train/ and OUT/validation/")
+    shards.add_argument("--samples-per-shard", type=int, default=10_000, help="at most 10,000 (default: %(default)s)")
+    shards.add_argument(
+        "--image_column", help='column holding the image (default "image"; "file_name" in metadata.jsonl)'
+    )
+    shards.add_argument("--caption_column", default="text", help="column holding the caption (default: %(default)s)")
+    shards.add_argument(
+        "--validation_fraction",
+        type=float,
+        default=0.0,
+        help="rows held out for OUT/validation/ when the data has no validation split (default: %(default)s)",
+    )
+    shards.add_argument("--seed", type=int, default=0, help="order of the rows in the shards (default: %(default)s)")
+    shards.add_argument("--workers", type=int, default=4, help="shards written at once (default: %(default)s)")
+    shards.set_defaults(func=_data_shards)
 
     from corpora import emoji
 

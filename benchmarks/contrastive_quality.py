@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from common.data import DataConfig, load_image_text
-from contrastive.evaluate import embed_dataset, recall_at
+from contrastive.evaluate import embed_dataset, key_ids, recall_at
 from contrastive.model import ContrastiveModel
 from pipelines.text_to_image import DEMO_MODEL
 
@@ -56,8 +56,8 @@ def concept_recall(model: ContrastiveModel, dataset, concepts: list[str], ks=(1,
         first.setdefault(caption, concept)
     queries = list(first)
     texts = torch.cat([model.encode_text(queries[i : i + 512]).float().cpu() for i in range(0, len(queries), 512)])
-    relevant = torch.tensor([[first[q] == c for c in concepts] for q in queries])
-    return recall_at(texts @ images.t(), relevant, ks)
+    ids = key_ids([first[q] for q in queries] + list(concepts))
+    return recall_at(texts, images, ids[: len(queries)], ids[len(queries) :], ks)
 
 
 def emoji_metrics(model: ContrastiveModel, data_dir: str, heldout_style: str) -> dict[str, float]:

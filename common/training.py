@@ -12,6 +12,9 @@
 - Weight decay reaches only the matrices that multiply a layer's input (linear, convolution and attention
   projection weights, and free-standing `proj`/`projection` matrices); biases, norm gains, embeddings,
   positional tables, learned rows such as a null condition, codebooks and temperatures are never decayed.
+- Streamed data (`common.data.streams.StreamData`: shards, `datasets` streaming) is read by every process and
+  worker in parallel; each checkpoint holds every process's stream position (`data-{rank}.json`), so a resumed run
+  continues with exactly the batches the uninterrupted one would have drawn.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import random
 import shutil
 import sys
+from collections import Counter
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -31,14 +35,17 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from common.data import add_data_args
+from common.data import SkipReport, add_data_args
+from common.data.streams import StreamData, seeded_generator
 from common.hub import STORAGE_DTYPES, PretrainedModel, atomic_write_text, save_state_dict, storage_dtype
 
 CHECKPOINT_PREFIX = "checkpoint-"
+SHARED_OUTPUT = "with several machines, --output_dir must be on a filesystem that all of them share"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -347,8 +354,7 @@ class KeyedDataset(torch.utils.data.Dataset):
         sample = self.base[row]
         if self.transform is None:
             return sample
-        generator = torch.Generator().manual_seed(hash((self.seed, epoch, row)) % (2**63))
-        return self.transform(sample, generator)
+        return self.transform(sample, seeded_generator(self.seed, epoch, row))
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -397,23 +403,23 @@ class TrainerHooks:
 class Trainer:
     """Runs `compute_loss(model, batch, step) -> (loss, logs)` for `settings.max_train_steps` optimizer steps.
 
-    `dataset[i]` is one row; `transform(row, generator)` (augmentation, condition dropout) draws from a generator
-    seeded by (seed, epoch, row); `collate` makes a batch of rows; `batch_keys` (e.g. normalized captions) keeps
-    rows with equal keys out of one global batch; `hooks` run every N steps on the main process; `hparams` are
-    what a tracker records for the run (default: the settings).
+    `dataset[i]` is one row, or `dataset` is a `StreamData`; `transform(row, generator)` (augmentation, condition
+    dropout) draws from a generator seeded by (seed, epoch, row); `collate` makes a batch of rows; `batch_key`
+    (e.g. a row's normalized caption) keeps rows with equal keys out of one batch; `hooks` run every N steps on
+    the main process; `hparams` are what a tracker records for the run (default: the settings).
     """
 
     def __init__(
         self,
         settings: TrainingConfig,
         model: torch.nn.Module,
-        dataset: torch.utils.data.Dataset,
+        dataset: torch.utils.data.Dataset | StreamData,
         compute_loss: Callable[[torch.nn.Module, Any, int], tuple[torch.Tensor, dict[str, float]]],
         *,
         collate: Callable | None = None,
         transform: Callable | None = None,
         hooks: TrainerHooks | None = None,
-        batch_keys: Sequence[Hashable] | None = None,
+        batch_key: Callable[[str], Hashable] | None = None,
         project: str = "vqclip",
         hparams: dict[str, Any] | None = None,
     ) -> None:
@@ -441,11 +447,14 @@ class Trainer:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.dataset = KeyedDataset(dataset, settings.seed, transform)
+        self.stream = dataset if isinstance(dataset, StreamData) else None
+        self.dataset = dataset if self.stream is not None else KeyedDataset(dataset, settings.seed, transform)
+        self.transform = transform
         self.compute_loss = compute_loss
         self.collate = collate
         self.hooks = hooks or TrainerHooks()
-        self.batch_keys = batch_keys
+        self.batch_key = batch_key
+        self.stream_position: dict[str, Any] | None = None  # where a resumed stream continues
         self.step = 0
 
     @property
@@ -465,9 +474,14 @@ class Trainer:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
+        if not tmp.is_dir():
+            raise ValueError(f"{tmp} is not visible to process {acc.process_index}: {SHARED_OUTPUT}")
         tensors, plain = _rng_state()
         save_file(tensors, tmp / f"rng-{acc.process_index}.safetensors")
         (tmp / f"rng-{acc.process_index}.json").write_text(json.dumps(plain), encoding="utf-8")
+        if self.stream is not None:
+            position = json.dumps(self.stream.position)
+            (tmp / f"data-{acc.process_index}.json").write_text(position, encoding="utf-8")
         if acc.is_main_process:
             if isinstance(self.unwrapped, PretrainedModel):  # a checkpoint is then also a loadable model
                 self.unwrapped.write_files(tmp)
@@ -482,6 +496,9 @@ class Trainer:
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
         acc.wait_for_everyone()
         if acc.is_main_process:
+            missing = [r for r in range(acc.num_processes) if not (tmp / f"rng-{r}.json").is_file()]
+            if missing:
+                raise ValueError(f"the checkpoint files of processes {missing} are not in {tmp}: {SHARED_OUTPUT}")
             for f in tmp.iterdir():
                 with open(f, "rb") as handle:
                     os.fsync(handle.fileno())
@@ -522,6 +539,13 @@ class Trainer:
         if state["num_processes"] == self.accelerator.num_processes:
             plain = json.loads((path / f"rng-{rank}.json").read_text(encoding="utf-8"))
             _set_rng_state(load_file(path / f"rng-{rank}.safetensors"), plain)
+        if self.stream is not None:
+            if state["num_processes"] != self.accelerator.num_processes:
+                raise ValueError(
+                    f"{path} was written by {state['num_processes']} processes; a stream resumes exactly only with "
+                    "as many"
+                )
+            self.stream_position = json.loads((path / f"data-{rank}.json").read_text(encoding="utf-8"))
         self.step = int(state["step"])
         metrics = self.output_dir / "metrics.jsonl"
         if self.accelerator.is_main_process and metrics.is_file():  # drop what was logged after the checkpoint
@@ -534,6 +558,20 @@ class Trainer:
 
     def _loader(self) -> Iterator[Any]:
         acc = self.accelerator
+        if self.stream is not None:
+            batches = self.stream.loader(
+                batch_size=self.settings.train_batch_size,
+                rank=acc.process_index,
+                world_size=acc.num_processes,
+                transform=self.transform,
+                collate=self.collate,
+                batch_key=self.batch_key,
+                position=self.stream_position,
+            )
+            for batch in batches:
+                yield _to_device(batch, acc.device)
+            return
+        keys = None if self.batch_key is None else [self.batch_key(text) for text in self.dataset.base.captions]
         batches = StepBatches(
             len(self.dataset),
             self.settings.train_batch_size,
@@ -541,7 +579,7 @@ class Trainer:
             acc.process_index,
             self.settings.seed,
             start=self.step * self.settings.gradient_accumulation_steps,
-            keys=self.batch_keys,
+            keys=keys,
         )
         loader = torch.utils.data.DataLoader(
             self.dataset,
@@ -581,6 +619,8 @@ class Trainer:
             self.step += 1
             logs = {"loss": float(loss.detach()), **logs, "lr": self.scheduler.get_last_lr()[0]}
             bar.update()
+            if self.stream is not None:
+                logs["skipped"] = self.stream.report().skipped.total()
             if self.step % settings.logging_steps == 0 or self.step == settings.max_train_steps:
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
                 self._log(logs)
@@ -589,6 +629,15 @@ class Trainer:
             self.run_hooks(final=self.step == settings.max_train_steps)
         bar.close()
         acc.end_training()
+
+    def skipped(self, before: SkipReport) -> dict[str, int]:
+        """Rows skipped by reason: those of `before` (the data's check before training) and those every process's
+        stream skipped as training read it. Every process must call it."""
+        counts = Counter(before.skipped)
+        if self.stream is not None:
+            for found in gather_object([dict(self.stream.report().skipped)]):
+                counts.update(found)
+        return dict(counts)
 
     def save_model(self, model: PretrainedModel | None = None) -> PretrainedModel:
         """Save the trained model (or `model`, e.g. the tokenizer inside a GAN wrapper) into the output folder in

@@ -35,28 +35,42 @@ def embed_dataset(
     return torch.cat(images), torch.cat(texts), captions
 
 
-def recall_at(scores: torch.Tensor, relevant: torch.Tensor, ks: tuple[int, ...]) -> dict[int, float]:
-    """Fraction of queries (rows of `scores`) with a relevant item among their top k."""
-    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
-    hits = relevant.gather(1, top)
-    return {k: hits[:, :k].any(1).float().mean().item() for k in ks}
+def recall_at(
+    queries: torch.Tensor,
+    items: torch.Tensor,
+    query_keys: torch.Tensor,
+    item_keys: torch.Tensor,
+    ks: tuple[int, ...],
+    chunk: int = 512,
+) -> dict[int, float]:
+    """Fraction of queries with a relevant item (one whose key equals the query's) among their top k by dot
+    product. Scored `chunk` queries at a time, so memory grows with the number of items, not its square."""
+    depth = min(max(ks), len(items))
+    hits = []
+    for start in range(0, len(queries), chunk):
+        top = (queries[start : start + chunk] @ items.t()).topk(depth, dim=1).indices
+        hits.append(item_keys[top] == query_keys[start : start + chunk, None])
+    found = torch.cat(hits)
+    return {k: found[:, :k].any(1).float().mean().item() for k in ks}
+
+
+def key_ids(values: list) -> torch.Tensor:
+    """One integer per distinct value, in order of first appearance."""
+    ids = {value: i for i, value in enumerate(dict.fromkeys(values))}
+    return torch.tensor([ids[value] for value in values])
 
 
 def retrieval_metrics(
     model: torch.nn.Module, dataset: torch.utils.data.Dataset, batch_size: int = 128, progress: bool = True
 ) -> dict[str, float]:
     image_emb, text_emb, captions = embed_dataset(model, dataset, batch_size, progress)
-    keys = [caption_key(c) for c in captions]
-    ids = {k: i for i, k in enumerate(dict.fromkeys(keys))}
-    key_ids = torch.tensor([ids[k] for k in keys])
-    relevant = key_ids[:, None] == key_ids[None, :]  # (N texts, N images)
-    scores = text_emb @ image_emb.t()
+    keys = key_ids([caption_key(c) for c in captions])
     ks = (1, 5, 10)
-    t2i = recall_at(scores, relevant, ks)
-    i2t = recall_at(scores.t(), relevant.t(), ks)
+    t2i = recall_at(text_emb, image_emb, keys, keys, ks)
+    i2t = recall_at(image_emb, text_emb, keys, keys, ks)
     return {
         **{f"text_to_image_r{k}": v for k, v in t2i.items()},
         **{f"image_to_text_r{k}": v for k, v in i2t.items()},
         "rows": len(captions),
-        "distinct_captions": len(ids),
+        "distinct_captions": int(keys.max()) + 1,
     }

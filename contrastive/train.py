@@ -112,15 +112,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
         collate=make_collate(model.tokenizer),
         transform=lambda sample, generator: augment(sample, generator, args.crop_scale),
         hooks=TrainerHooks([(args.validation_steps, validate)]),
-        batch_keys=[caption_key(c) for c in data.train.captions],
+        batch_key=caption_key,
         hparams=vars(args),
     )
     trainer.fit()
+    skipped = trainer.skipped(data.report)
     if not trainer.accelerator.is_main_process:
         return None
     final = trainer.save_model()
     metrics = retrieval_metrics(final.eval(), data.validation, batch_size=args.train_batch_size)
-    return write_eval(output_dir, metrics)
+    return write_eval(output_dir, {**metrics, "skipped": skipped})
 
 
 if __name__ == "__main__":

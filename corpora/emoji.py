@@ -471,16 +471,21 @@ def _cli(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     fetch_assets(styles, args.cache_dir)
     fetched = time.perf_counter()
-    counts = build(
-        args.out,
-        styles,
-        resolution=args.resolution,
-        cache_dir=args.cache_dir,
-        skin_tones=args.skin_tones,
-        heldout_fraction=args.heldout_fraction,
-        seed=args.seed,
-        workers=args.workers,
-    )
+    from common.data.load import build_corpus  # here: render workers import this module and must start fast
+
+    def build_into(folder: Path) -> dict[str, int]:
+        return build(
+            folder,
+            styles,
+            resolution=args.resolution,
+            cache_dir=args.cache_dir,
+            skin_tones=args.skin_tones,
+            heldout_fraction=args.heldout_fraction,
+            seed=args.seed,
+            workers=args.workers,
+        )
+
+    counts = build_corpus(build_into, args.out, args.format, args.samples_per_shard)
     per_style = ", ".join(f"{style} {n}" for style, n in counts.items())
     print(
         f"wrote {sum(counts.values())} images ({per_style}) to {args.out}; "
@@ -505,4 +510,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--heldout-fraction", type=float, default=0.1, help="base concepts for validation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
+    from common.data.load import add_format_args
+
+    add_format_args(parser)
     parser.set_defaults(func=_cli)

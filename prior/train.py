@@ -17,6 +17,7 @@ OUTPUT_DIR/samples, and at the end the prior (config.json + model.safetensors), 
 from __future__ import annotations
 
 import argparse
+import datetime
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -170,7 +171,9 @@ def sample_grid(
 def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
     args = parse_args(argv)
     settings = TrainingConfig.from_args(args)  # refuses bad training flags before the data is read
-    state = PartialState(cpu=not torch.cuda.is_available())  # the Trainer's Accelerator joins this state
+    # the Trainer's Accelerator joins this state; encoding the codes may keep one process waiting for the others
+    # longer than a collective's default timeout
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=datetime.timedelta(hours=12))
     vqvae = VQVAE.from_pretrained(args.vqvae, state.device).requires_grad_(False)
     encoder = ContrastiveModel.from_pretrained(args.contrastive, state.device).requires_grad_(False)
     if args.resolution is None:
@@ -182,16 +185,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
     if config.cond_drop_prob == 0 and args.guidance_scale != 1:
         raise ValueError("--guidance_scale needs a null condition trained with --cond_drop_prob > 0; set it to 1")
     output_dir = Path(args.output_dir)
-    with state.main_process_first():  # the main process encodes the data if needed; the others then read it
-        train, validation = cached_codes(
-            args.vqvae,
-            DataConfig.from_args(args),
-            args.codes_cache or output_dir / "codes",
-            seed=args.seed,
-            batch_size=args.train_batch_size,
-            progress=state.is_main_process,
-            device=state.device,
-        )
+    data = DataConfig.from_args(args)
+    train, validation = cached_codes(  # every process encodes its share of what the codes folder lacks
+        args.vqvae,
+        data,
+        args.codes_cache or output_dir / "codes",
+        seed=args.seed,
+        batch_size=args.train_batch_size,
+        progress=state.is_main_process,
+        device=state.device,
+        rank=state.process_index,
+        world_size=state.num_processes,
+        barrier=state.wait_for_everyone,
+    )
     set_seed(args.seed)  # after the encoding, which only the main process may have done
     model = Prior(config)
     if config.cond_drop_prob == 0:  # the null condition is then never used, and DDP refuses unused parameters
@@ -229,7 +235,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
         return None
     final = trainer.save_model()
     samples(final).save(output_dir / "samples.png")
-    metrics = {"bits_per_code": bits_per_code(final, validation, text, args.train_batch_size), "rows": len(validation)}
+    limit = data.max_validation_samples or (1000 if data.is_stream else len(validation))  # as the other stages
+    rows = torch.utils.data.Subset(validation, range(min(limit, len(validation))))
+    metrics = {"bits_per_code": bits_per_code(final, rows, text, args.train_batch_size), "rows": len(rows)}
     return write_eval(output_dir, metrics)
 
 

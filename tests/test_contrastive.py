@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from common.training import StepBatches
-from contrastive.evaluate import caption_key
+from contrastive.evaluate import caption_key, key_ids, recall_at
 from contrastive.model import PRESETS, ContrastiveConfig, ContrastiveModel
 from contrastive.train import augment, make_loss
 from corpora.shapes import build
@@ -151,3 +151,15 @@ def test_training_script_resumes_and_matches_two_processes(shapes16, tmp_path):
     assert all(0 <= evaluation[k] <= 1 for k in evaluation if "_r" in k)
     model = ContrastiveModel.from_pretrained(two)
     assert model.encode_text(["a blue ball"]).shape == (1, TINY.embed_dim)
+
+
+def test_recall_in_chunks_equals_recall_over_the_whole_score_matrix():
+    torch.manual_seed(0)
+    queries, items = torch.randn(37, 8), torch.randn(37, 8)
+    keys = key_ids([i % 9 for i in range(37)])  # repeated captions: several relevant items per query
+    scores = queries @ items.t()
+    relevant = keys[:, None] == keys[None, :]
+    top = scores.topk(10, dim=1).indices
+    expected = {k: relevant.gather(1, top)[:, :k].any(1).float().mean().item() for k in (1, 5, 10)}
+    assert recall_at(queries, items, keys, keys, (1, 5, 10), chunk=4) == expected
+    assert 0 < expected[1] < expected[10] <= 1

@@ -11,6 +11,8 @@ import time
 import pytest
 import torch
 
+from common.data import DataConfig, load_image_text
+from common.data.shards import write_shards
 from common.training import list_checkpoints
 from contrastive.model import PRESETS as CONTRASTIVE_PRESETS
 from contrastive.model import ContrastiveModel
@@ -28,15 +30,30 @@ def world(tmp_path_factory):
     """16 px shapes data and tiny frozen stages for the prior."""
     root = tmp_path_factory.mktemp("crash")
     build(root / "data", 120, resolution=16, seed=0, workers=1, progress=False)
+    splits = load_image_text(DataConfig(train_data_dir=str(root / "data"), resolution=16), progress=False)
+    write_shards(splits.train, root / "shards" / "train", 40, progress=False)
+    write_shards(splits.validation, root / "shards" / "validation", 40, progress=False)
     torch.manual_seed(0)
     VQVAE(VQVAE_PRESETS["tiny"]).save_pretrained(root / "vqvae")
     ContrastiveModel(CONTRASTIVE_PRESETS["tiny"]).save_pretrained(root / "contrastive")
     return root
 
 
-def _args(world, module, out):
+def _args(world, module, out, data):
+    source = ["--train_data_dir", str(world / "data")]
+    if data == "shards":  # read by two workers, each a stream of its own
+        source = [
+            "--train_shards",
+            str(world / "shards" / "train"),
+            "--validation_shards",
+            str(world / "shards" / "validation"),
+            "--shuffle_buffer",
+            "16",
+            "--dataloader_num_workers",
+            "2",
+        ]
     args = [
-        "--train_data_dir", str(world / "data"), "--output_dir", str(out), "--preset", "tiny",
+        *source, "--output_dir", str(out), "--preset", "tiny",
         "--max_train_steps", str(STEPS), "--train_batch_size", "8", "--checkpointing_steps", "2",
         "--validation_steps", "100", "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--seed", "1",
         "--logging_steps", "1", "--resume_from_checkpoint", "latest",
@@ -60,13 +77,14 @@ def _writing_a_checkpoint(out):
 
 
 @pytest.mark.parametrize(
-    ("module", "moment"),
-    [("vqvae.train", "step"), ("vqvae.train", "checkpoint write"), ("contrastive.train", "step"),
-     ("prior.train", "step")],
+    ("module", "moment", "data"),
+    [("vqvae.train", "step", "folder"), ("vqvae.train", "checkpoint write", "folder"),
+     ("contrastive.train", "step", "folder"), ("prior.train", "step", "folder"),
+     ("vqvae.train", "step", "shards"), ("contrastive.train", "step", "shards"), ("prior.train", "step", "shards")],
 )  # fmt: skip
-def test_sigkill_then_resume_matches_an_uninterrupted_run(world, tmp_path, module, moment):
+def test_sigkill_then_resume_matches_an_uninterrupted_run(world, tmp_path, module, moment, data):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    accelerate_launch(module, _args(world, module, straight))
+    accelerate_launch(module, _args(world, module, straight, data))
 
     kill_after = random.SystemRandom().randint(3, 8)  # a different moment on every run; it must not matter
 
@@ -76,7 +94,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(world, tmp_path, modul
         return _writing_a_checkpoint(crashed)
 
     proc = subprocess.Popen(
-        launch_command(module, _args(world, module, crashed)), cwd=ROOT, env=LAUNCH_ENV, start_new_session=True,
+        launch_command(module, _args(world, module, crashed, data)), cwd=ROOT, env=LAUNCH_ENV, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.time() + 240
@@ -94,7 +112,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(world, tmp_path, modul
         half.mkdir(exist_ok=True)
         (half / "trainer_state.json").write_text("{")
 
-    out = accelerate_launch(module, _args(world, module, crashed))
+    out = accelerate_launch(module, _args(world, module, crashed, data))
     assert f"at step {last}" in out
     assert _logged_steps(crashed) == list(range(1, STEPS + 1))  # each step logged once: no gap, no repeat
     a, b = weights(straight), weights(crashed)

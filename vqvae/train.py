@@ -114,12 +114,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
         hparams=vars(args),
     )
     trainer.fit()
+    skipped = trainer.skipped(data.report)
     if not trainer.accelerator.is_main_process:
         return None
     final = trainer.save_model(tokenizer_of(trainer.unwrapped))
     reconstruction_grid(final, grid_pixels).save(output_dir / "reconstruction.png")
     metrics = evaluate(final, data.validation, batch_size=args.train_batch_size)
-    return write_eval(output_dir, metrics)
+    return write_eval(output_dir, {**metrics, "skipped": skipped})
 
 
 if __name__ == "__main__":

@@ -4,7 +4,11 @@
 - `skips`: `Reason`, `BadImage` and `SkipReport`: why rows are skipped, counted by reason, never fatal.
 - `config`: `DataConfig` and the data flags (`add_data_args`) of every training script.
 - `mapped`: map-style sources (imagefolders, images with `.txt` captions, `datasets` datasets), checked by a
-  threaded scan: `load_image_text` -> `ImageTextSplits`.
+  threaded scan.
+- `shards`: webdataset tar shards in img2dataset's layout: specs, sizes, reading and writing.
+- `streams`: streamed training data (shards, `datasets` streaming) read by every process and worker, with
+  exact mid-epoch resume: `StreamData`.
+- `load`: `load_image_text(config) -> ImageTextSplits`, whichever the source.
 """
 
 from common.data.config import MAX_CAPTION_CHARS, DataConfig, add_data_args
@@ -18,7 +22,8 @@ from common.data.images import (
     to_rgb,
     to_tensor,
 )
-from common.data.mapped import ImageTextDataset, ImageTextSplits, collate, load_image_text
+from common.data.load import load_image_text
+from common.data.mapped import ImageTextDataset, ImageTextSplits, collate
 from common.data.skips import BadImage, Reason, SkipReport
 from common.metadata import METADATA_NAME
 

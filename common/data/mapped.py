@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ from tqdm.auto import tqdm
 from common.data.config import DataConfig
 from common.data.images import IMAGE_EXTENSIONS, load_image, to_array, to_tensor
 from common.data.skips import BadImage, Reason, SkipReport
+
+if TYPE_CHECKING:
+    from common.data.streams import StreamData
 from common.metadata import METADATA_NAME
 
 VALIDATION_SPLITS = ("validation", "valid", "val", "dev", "test")
@@ -161,11 +164,22 @@ def _read_txt_captions(directory: Path, config: DataConfig, report: SkipReport) 
     return rows
 
 
+def refuse_shard_folder(path: Path, flag: str) -> None:
+    """A folder of webdataset shards (as img2dataset writes them) is read with --train_shards, not as a folder of
+    images or of parquet files (which would give metadata without images)."""
+    if path.is_dir() and not (path / METADATA_NAME).is_file() and any(path.glob("*.tar")):
+        raise ValueError(
+            f"{flag} {path} holds webdataset shards (.tar files, as img2dataset writes them): read them with "
+            f"--train_shards {path}"
+        )
+
+
 def _read_folder(config: DataConfig, report: SkipReport) -> tuple[_Rows, _Rows | None]:
     """Train and (if the folder has one) validation rows of `config.train_data_dir`."""
     root = Path(config.train_data_dir)
     if not root.is_dir():
         raise ValueError(f"--train_data_dir {root} does not exist or is not a folder")
+    refuse_shard_folder(root, "--train_data_dir")
 
     def read(directory: Path) -> _Rows:
         if (directory / METADATA_NAME).is_file():
@@ -178,41 +192,42 @@ def _read_folder(config: DataConfig, report: SkipReport) -> tuple[_Rows, _Rows |
     return read(root / "train"), None if validation is None else read(validation)
 
 
-def _load_datasets(config: DataConfig) -> Any:
-    """A `datasets.DatasetDict` from a hub name, a local data file or a `save_to_disk` folder."""
+def load_datasets(config: DataConfig, *, streaming: bool = False) -> dict[str, Any]:
+    """The splits of `config.dataset_name` (a hub name, a local data file or folder, or a `save_to_disk` folder):
+    `datasets.Dataset`s, or with `streaming` `datasets.IterableDataset`s."""
     import datasets  # here, not at the top: only --dataset_name needs it, and it is slow to import
 
     name = config.dataset_name
     path = Path(name)
+    refuse_shard_folder(path, "--dataset_name")
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
         loaded = datasets.load_from_disk(name)
+        if streaming:
+            splits = loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+            return {split: table.to_iterable_dataset() for split, table in splits.items()}
     elif path.is_file():
         builder = DATASET_FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise ValueError(f"--dataset_name {name}: cannot read {path.suffix!r} files")
-        loaded = datasets.load_dataset(builder, data_files=name)
+        loaded = datasets.load_dataset(builder, data_files=name, streaming=streaming)
     else:
-        loaded = datasets.load_dataset(name, config.dataset_config_name)
-    return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
+        loaded = datasets.load_dataset(name, config.dataset_config_name, streaming=streaming)
+    if isinstance(loaded, (datasets.Dataset, datasets.IterableDataset)):
+        return {"train": loaded}
+    return dict(loaded)
 
 
 def _read_datasets(config: DataConfig) -> tuple[_Rows, _Rows | None]:
     """Train and (if the dataset has one) validation rows of `config.dataset_name`."""
     import datasets
 
-    loaded = _load_datasets(config)
-    if "train" not in loaded and len(loaded) != 1:
-        raise ValueError(f"--dataset_name {config.dataset_name}: no 'train' split among {list(loaded)}")
+    loaded = load_datasets(config)
+    train, validation = split_names(loaded, config)
     image_column = config.image_column or "image"
 
     def read(split: str) -> _Rows:
         dataset = loaded[split]
-        for role, column in (("image", image_column), ("caption", config.caption_column)):
-            if column not in dataset.column_names:
-                raise ValueError(
-                    f"--{role}_column {column!r} is not a column of {config.dataset_name} ({split}); "
-                    f"columns: {dataset.column_names}"
-                )
+        check_columns(dataset, config, split)
         images = dataset.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
         extra = [
             name
@@ -229,9 +244,26 @@ def _read_datasets(config: DataConfig) -> tuple[_Rows, _Rows | None]:
             fetch=_ArrowImage(images, image_column),
         )
 
-    validation = next((name for name in VALIDATION_SPLITS if name in loaded), None)
+    return read(train), None if validation is None else read(validation)
+
+
+def split_names(loaded: dict[str, Any], config: DataConfig) -> tuple[str, str | None]:
+    """The training split's name and the validation split's, if the dataset has one."""
+    if "train" not in loaded and len(loaded) != 1:
+        raise ValueError(f"--dataset_name {config.dataset_name}: no 'train' split among {list(loaded)}")
     train = "train" if "train" in loaded else next(iter(loaded))
-    return read(train), None if validation is None or validation == train else read(validation)
+    validation = next((name for name in VALIDATION_SPLITS if name in loaded and name != train), None)
+    return train, validation
+
+
+def check_columns(dataset: Any, config: DataConfig, split: str) -> None:
+    """Refuse a dataset without the image or caption column, naming the flag and the columns it has."""
+    columns = list(dataset.features) if dataset.features is not None else []
+    for role, column in (("image", config.image_column or "image"), ("caption", config.caption_column)):
+        if column not in columns:
+            raise ValueError(
+                f"--{role}_column {column!r} is not a column of {config.dataset_name} ({split}); columns: {columns}"
+            )
 
 
 # ---------------------------------------------------------------- checks, split and scan
@@ -355,14 +387,23 @@ class ImageTextDataset(torch.utils.data.Dataset):
         """The image's path, or "dataset:split:row" for rows of a `datasets` dataset."""
         return self._rows.sources[i]
 
+    def image_file(self, i: int) -> bytes:
+        """The bytes of row i's image file as stored (not decoded, not resized)."""
+        image = self._rows.images[i] if self._rows.fetch is None else self._rows.fetch(self._rows.images[i])
+        return image if isinstance(image, bytes) else Path(image).read_bytes()
+
+    def metadata(self, i: int) -> dict[str, Any]:
+        """Row i's extra metadata columns that it has."""
+        return {name: values[i] for name, values in self._rows.columns.items() if values[i] is not None}
+
 
 @dataclass
 class ImageTextSplits:
     """What `load_image_text` returns."""
 
-    train: ImageTextDataset
+    train: ImageTextDataset | StreamData  # a stream for shards and `datasets` streaming
     validation: ImageTextDataset
-    report: SkipReport
+    report: SkipReport  # of the scan; a stream's training rows are counted as training reads them
 
 
 def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
@@ -374,8 +415,24 @@ def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def load_image_text(config: DataConfig, *, seed: int = 0, progress: bool = True) -> ImageTextSplits:
-    """Read, check and split the configured data.
+def _check_cache_fits(rows: int, config: DataConfig) -> None:
+    """Refuse --cache_images when the resized pixels would take more than half the memory available now."""
+    if not config.cache_images:
+        return
+    import psutil
+
+    needed = rows * config.resolution**2 * 3
+    available = psutil.virtual_memory().available
+    if needed > available / 2:
+        raise ValueError(
+            f"--cache_images would hold {needed / 2**30:.1f} GiB of pixels ({rows} rows at {config.resolution} px) "
+            f"in each process, over half of the {available / 2**30:.1f} GiB available; leave it out, or write the "
+            "data as shards (vqclip data shards) and train with --train_shards"
+        )
+
+
+def load_mapped(config: DataConfig, *, seed: int = 0, progress: bool = True) -> ImageTextSplits:
+    """Read, check and split a folder or a `datasets` dataset, every image decoded once by a scan.
 
     The validation split is the dataset's own, else a `seed`ed random `validation_fraction` of the rows
     (sized from the rows with a caption, drawn from those whose image decodes). `max_train_samples` keeps a
@@ -383,11 +440,7 @@ def load_image_text(config: DataConfig, *, seed: int = 0, progress: bool = True)
     With `progress` (pass `accelerator.is_main_process`), shows the scan's progress and prints one summary
     line to stderr; the counts are always in `.report`.
     """
-    if (config.train_data_dir is None) == (config.dataset_name is None):
-        raise ValueError(
-            "give exactly one of --train_data_dir (a local folder) and --dataset_name "
-            "(a datasets name, a data file or a save_to_disk folder)"
-        )
+    config.check_source()
     report = SkipReport()
     train, validation = _read_folder(config, report) if config.train_data_dir else _read_datasets(config)
     rng = np.random.default_rng(seed)
@@ -400,6 +453,7 @@ def load_image_text(config: DataConfig, *, seed: int = 0, progress: bool = True)
     held_out = _validation_size(len(train), config.validation_fraction) if validation is None else 0
     if config.max_train_samples is not None and len(train) > config.max_train_samples + held_out:
         train, _ = _sample(train, config.max_train_samples + held_out, rng)
+    _check_cache_fits(len(train) + (len(validation) if validation is not None else 0), config)
     train = _scan(train, config, report, progress=progress, desc="checking images")
     if validation is None:
         validation, train = _sample(train, min(held_out, max(len(train) - 1, 0)), rng)

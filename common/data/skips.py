@@ -21,6 +21,8 @@ class Reason:
     UNREADABLE_CAPTION = "unreadable caption"
     NON_UTF8_LINE = "non-UTF-8 metadata line"
     INVALID_JSON_LINE = "invalid JSON metadata line"
+    UNREADABLE_SHARD = "unreadable shard"
+    TRUNCATED_SHARD = "truncated shard"
     CAPTION_TRUNCATED = "caption truncated"
 
 

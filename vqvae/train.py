@@ -11,6 +11,7 @@ codebook usage, perplexity and dead codes on the validation split) in OUTPUT_DIR
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from common.metrics import psnr
 from common.training import Trainer, TrainerHooks, add_training_args, run_script, write_eval
 from vqvae.evaluate import evaluate, reconstruction_grid
 from vqvae.gan import VQGAN, PatchDiscriminator, adaptive_weight, hinge_discriminator_loss
-from vqvae.model import PRESETS, VQVAE
+from vqvae.model import PRESETS, VQVAE, VQVAEConfig
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -42,10 +43,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def model_config(args: argparse.Namespace) -> VQVAEConfig:
+    """The preset at `--resolution` with the `--model_config` overrides.
+
+    Each preset is made for one picture size and code grid; a `--resolution` that gives another grid is
+    refused, naming the presets made for that size, unless `--model_config` sets the geometry itself
+    ("resolution" or "channel_mult").
+    """
+    preset = PRESETS[args.preset]
+    config = preset.replace({"resolution": args.resolution}).replace_json(args.model_config)
+    overrides = json.loads(args.model_config) if args.model_config else {}
+    if config.grid_size != preset.grid_size and not {"resolution", "channel_mult"} & set(overrides):
+        size, grid = args.resolution, config.grid_size
+        fitting = [f"{name} ({c.grid_size} x {c.grid_size})" for name, c in PRESETS.items() if c.resolution == size]
+        advice = f"For {size} px take --preset {' or '.join(fitting)}" if fitting else f"No preset is for {size} px"
+        raise ValueError(
+            f"--resolution {size} gives preset {args.preset} a {grid} x {grid} code grid ({grid**2} codes a picture), "
+            f"but {args.preset} is made for {preset.resolution} px and {preset.grid_size} x {preset.grid_size}. "
+            f"""{advice}; to keep this grid, say so with --model_config '{{"resolution": {size}}}'"""
+        )
+    return config
+
+
 def build_model(args: argparse.Namespace) -> VQVAE | VQGAN:
     """The tokenizer, wrapped with a discriminator when the adversarial loss is on."""
-    config = PRESETS[args.preset].replace({"resolution": args.resolution}).replace_json(args.model_config)
-    vqvae = VQVAE(config)
+    vqvae = VQVAE(model_config(args))
     return (
         vqvae
         if args.disc_start_step is None
@@ -67,12 +89,12 @@ def make_loss(args: argparse.Namespace):
         else:
             out, fake_for_generator, real, fake = model(pixels)
         rec = reconstruction_loss(out.reconstruction, pixels)
-        loss = rec + out.commitment_loss + out.codebook_loss
         logs = {
             "psnr": psnr(out.reconstruction.detach(), pixels).mean().item(),
             "usage": out.usage.item(),
             "perplexity": out.perplexity.item(),
         }
+        loss = rec + out.commitment_loss + out.codebook_loss
         if args.disc_start_step is not None:
             on = float(step >= args.disc_start_step)  # before the start the terms are computed but weigh nothing
             generator_loss = -fake_for_generator.mean()
@@ -91,8 +113,8 @@ def make_loss(args: argparse.Namespace):
 def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
     args = parse_args(argv)
     set_seed(args.seed)
+    model = build_model(args)  # a bad preset, resolution or config fails before the data is read
     data = load_image_text(DataConfig.from_args(args), seed=args.seed)
-    model = build_model(args)
     output_dir = Path(args.output_dir)
     grid_pixels = torch.stack(
         [data.validation[i]["pixel_values"] for i in range(min(args.num_grid_images, len(data.validation)))]

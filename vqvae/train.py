@@ -25,6 +25,7 @@ from common.training import Trainer, TrainerHooks, add_training_args, run_script
 from vqvae.evaluate import evaluate, reconstruction_grid
 from vqvae.gan import VQGAN, PatchDiscriminator, adaptive_weight, hinge_discriminator_loss
 from vqvae.model import PRESETS, VQVAE, VQVAEConfig
+from vqvae.perceptual import LPIPS, load_lpips
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -39,6 +40,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     gan.add_argument("--disc_weight", type=float, default=0.5, help="times the adaptive weight")
     gan.add_argument("--disc_channels", type=int, default=64)
     gan.add_argument("--disc_layers", type=int, default=3, help="fewer for small images")
+    perceptual = parser.add_argument_group("perceptual loss (LPIPS; off unless --perceptual_weights is given)")
+    perceptual.add_argument(
+        "--perceptual_weights",
+        help="torchvision's VGG16 weights (vgg16-397923af.pth): a path, or 'hub' for the torch hub cache",
+    )
+    perceptual.add_argument(
+        "--lpips_weights", help="LPIPS's calibration (its weights/v0.1/vgg.pth); default: the lpips package's copy"
+    )
+    perceptual.add_argument("--perceptual_loss_weight", type=float, default=1.0, help="times the LPIPS distance")
     add_training_args(parser, learning_rate=3e-4, train_batch_size=64, max_train_steps=5000)
     return parser.parse_args(argv)
 
@@ -79,8 +89,19 @@ def tokenizer_of(model: torch.nn.Module) -> VQVAE:
     return model.vqvae if isinstance(model, VQGAN) else model
 
 
+def perceptual_loss(args: argparse.Namespace) -> LPIPS | None:
+    """The frozen LPIPS network when --perceptual_weights is given; a missing file is a one-line error."""
+    if args.perceptual_weights is None:
+        return None
+    try:
+        return load_lpips(args.perceptual_weights, args.lpips_weights)
+    except ValueError as err:
+        raise ValueError(f"perceptual loss: {err} (--perceptual_weights PATH|hub, --lpips_weights PATH)") from None
+
+
 def make_loss(args: argparse.Namespace):
     reconstruction_loss = F.l1_loss if args.reconstruction_loss == "l1" else F.mse_loss
+    lpips = perceptual_loss(args)  # kept out of the model: frozen, never saved, never in the optimizer
 
     def compute_loss(model: torch.nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         pixels = batch["pixel_values"]
@@ -94,6 +115,10 @@ def make_loss(args: argparse.Namespace):
             "usage": out.usage.item(),
             "perplexity": out.perplexity.item(),
         }
+        if lpips is not None:
+            distance = lpips.to(pixels.device)(out.reconstruction, pixels).mean()
+            rec = rec + args.perceptual_loss_weight * distance  # the adversarial weight balances against both
+            logs["lpips"] = distance.item()
         loss = rec + out.commitment_loss + out.codebook_loss
         if args.disc_start_step is not None:
             on = float(step >= args.disc_start_step)  # before the start the terms are computed but weigh nothing
@@ -113,7 +138,7 @@ def make_loss(args: argparse.Namespace):
 def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
     args = parse_args(argv)
     set_seed(args.seed)
-    model = build_model(args)  # a bad preset, resolution or config fails before the data is read
+    model, compute_loss = build_model(args), make_loss(args)  # bad flags and missing weights fail before the data
     data = load_image_text(DataConfig.from_args(args), seed=args.seed)
     output_dir = Path(args.output_dir)
     grid_pixels = torch.stack(
@@ -129,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
         args,
         model,
         data.train,
-        make_loss(args),
+        compute_loss,
         collate=collate,
         hooks=TrainerHooks([(args.validation_steps, save_grid)]),
     )

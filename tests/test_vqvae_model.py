@@ -293,6 +293,20 @@ def test_initial_codes_are_distinct_encoder_outputs():
     assert all(any(torch.equal(code, row) for row in data) for code in q.codebook.detach())
 
 
+def test_codes_a_small_first_batch_repeats_restart_on_the_next_batches():
+    q = VectorQuantizer(4, 64, 4, dataclasses.replace(TINY, codebook_size=64, l2_normalize=False))
+    first, second, third = torch.randn(16, 4), torch.randn(32, 4), torch.randn(32, 4)
+    q._update_codebook(first)  # 16 vectors for 64 codes
+    rows = {tuple(row.tolist()) for row in q.codebook.detach()}
+    assert rows == {tuple(row.tolist()) for row in first}  # not yet moved onto the same batch again
+    assert (q.usage_ema[16:] == 0).all() and (q.usage_ema[:16] > 0).all()
+    q._update_codebook(second)
+    assert {tuple(row.tolist()) for row in q.codebook.detach()[16:48]} == {tuple(row.tolist()) for row in second}
+    q._update_codebook(third)
+    assert {tuple(row.tolist()) for row in q.codebook.detach()[48:]} <= {tuple(row.tolist()) for row in third}
+    assert len({tuple(row.tolist()) for row in q.codebook.detach()}) == 64
+
+
 def test_more_dead_codes_than_outputs_restart_on_distinct_outputs():
     q = VectorQuantizer(4, 16384, 4, dataclasses.replace(TINY, codebook_size=16384, l2_normalize=False))
     q.usage_ema.zero_()  # every code out of use

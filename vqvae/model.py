@@ -330,7 +330,8 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _update_codebook(self, flat: torch.Tensor) -> None:
         everyone = _all_gather_cat(flat)
-        if not bool(self.initialized):
+        first = not bool(self.initialized)
+        if first:
             self._init_from_data(everyone)
         if self.ema:
             codes = self.nearest(everyone)
@@ -346,7 +347,8 @@ class VectorQuantizer(nn.Module):
             n = self.ema_count.sum()
             count = (self.ema_count + 1e-5) / (n + self.codebook_size * 1e-5) * n  # Laplace smoothing
             self.codebook.data.copy_(self.ema_sum / count[:, None])
-        self.restart_dead_codes(everyone)
+        if not first:  # restarts draw on later batches than the one the codes were just drawn from
+            self.restart_dead_codes(everyone)
 
     def _generator(self, flat: torch.Tensor) -> torch.Generator:
         """The same random stream on every process: seeded from the gathered data itself."""
@@ -354,8 +356,8 @@ class VectorQuantizer(nn.Module):
         return torch.Generator(device=flat.device).manual_seed(seed)
 
     def _init_from_data(self, flat: torch.Tensor) -> None:
-        """Codes on distinct encoder outputs (repeated only when the batch has fewer vectors than codes; the
-        repeats fall out of use and are restarted)."""
+        """Codes on distinct encoder outputs. When the batch has fewer vectors than codes, the codes beyond them
+        repeat the first ones and start out of use, so the next batches restart them on fresh outputs."""
         generator = self._generator(flat)
         n, rounds = flat.shape[0], math.ceil(self.codebook_size / flat.shape[0])
         pick = torch.cat([torch.randperm(n, generator=generator, device=flat.device) for _ in range(rounds)])
@@ -363,6 +365,7 @@ class VectorQuantizer(nn.Module):
         self.codebook.data.copy_(flat[pick])
         self.ema_sum.copy_(flat[pick])
         self.ema_count.fill_(1.0)
+        self.usage_ema[flat.shape[0] :] = 0.0
         self.initialized.fill_(True)
 
     def _track_usage(self, codes: torch.Tensor) -> None:

@@ -2,7 +2,8 @@
 
     python benchmarks/vqvae_throughput.py --preset shapes-f8 --batch-size 32
 
-Ends with one JSON line: {"preset", "resolution", "batch_size", "params_m", "images_per_s", "device"}.
+Ends with one JSON line: {"preset", "resolution", "batch_size", "params_m", "images_per_s", "seconds_per_step",
+"device"}.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from vqvae.model import PRESETS, VQVAE
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="shapes-f8")
-    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--resolution", type=int, default=None, help="default: the preset's picture size")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    args.resolution = args.resolution or PRESETS[args.preset].resolution
     model = VQVAE(PRESETS[args.preset].replace({"resolution": args.resolution})).to(args.device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     pixels = torch.rand(args.batch_size, 3, args.resolution, args.resolution, device=args.device) * 2 - 1
@@ -49,7 +51,8 @@ def main() -> None:
         "resolution": args.resolution,
         "batch_size": args.batch_size,
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-        "images_per_s": round(args.batch_size * args.steps / seconds, 1),
+        "images_per_s": round(args.batch_size * args.steps / seconds, 2),
+        "seconds_per_step": round(seconds / args.steps, 2),
         "device": args.device,
     }
     print(json.dumps(result))

@@ -3,7 +3,9 @@
 Every model config is a dataclass that inherits `Config`. Reading one from JSON is strict: unknown
 fields, missing fields and wrongly typed values raise `ConfigError` naming the field, and
 `validate()` refuses absurd sizes before any model is built (so a hostile `config.json` cannot make
-us allocate a 10^9-entry codebook).
+us allocate a 10^9-entry codebook). The one exception: a field declared with `added_field(default)`,
+added after models were saved without it, takes its default when a `config.json` lacks it; the default
+must build the model those saves describe.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import typing
 from typing import Any, ClassVar, TypeVar
 
 C = TypeVar("C", bound="Config")
+_ADDED = "vqclip_added_field"
 
 
 class ConfigError(ValueError):
@@ -61,6 +64,12 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
     raise ConfigError(f"config field {name!r}: expected {annotation.__name__}, got {type(value).__name__}")
 
 
+def added_field(default: Any) -> Any:
+    """A config field added after models were saved without it: a `config.json` that lacks it loads with
+    `default`, which must therefore describe the model those older saves hold."""
+    return dataclasses.field(default=default, metadata={_ADDED: True})
+
+
 @dataclasses.dataclass
 class Config:
     """Base class of model configs: JSON round trip with strict checks."""
@@ -92,10 +101,11 @@ class Config:
         unknown = sorted(set(data) - fields)
         if unknown:
             raise ConfigError(f"{cls.__name__}: unknown config field(s) {unknown}")
-        missing = sorted(fields - set(data))
+        added = {f.name for f in dataclasses.fields(cls) if f.metadata.get(_ADDED)}
+        missing = sorted(fields - set(data) - added)
         if missing:
             raise ConfigError(f"{cls.__name__}: missing config field(s) {missing}")
-        values = {name: _check_type(name, data[name], hints[name]) for name in fields}
+        values = {name: _check_type(name, data[name], hints[name]) for name in fields & set(data)}
         return cls(**values)
 
     def replace(self: C, overrides: dict[str, Any]) -> C:

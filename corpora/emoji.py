@@ -80,7 +80,9 @@ GROUPS = {
 }
 SPLITS = ("train", "validation")
 SVG_MIN_SIZE = 256  # SVGs are drawn at max(this, 4 x resolution) pixels, then downsampled
-NOTO_SIZE = 109  # the only size of Noto's bitmap strike
+NOTO_SIZE = 109  # the only size of Noto's bitmap strike: 136 x 128 px glyphs
+# the picture size a bitmap style's assets hold; above it they are upscaled (the SVG styles draw at any size)
+BITMAP_SIZES = {"noto": 128, "twemoji": 64}
 
 
 class AssetError(RuntimeError, ValueError):
@@ -419,6 +421,13 @@ def build(
     """
     styles = list(styles)
     _check_arguments(styles, resolution, heldout_fraction)
+    upscaled = {style: BITMAP_SIZES[style] for style in styles if resolution > BITMAP_SIZES.get(style, resolution)}
+    if upscaled and progress:
+        print(
+            f"note: at {resolution} px, {' and '.join(f'{s} ({px} px)' for s, px in upscaled.items())} are upscaled "
+            "from smaller bitmaps and look softer than the SVG styles (openmoji, fluent)",
+            file=sys.stderr,
+        )
     assets = fetch_assets(styles, cache_dir, progress)
     out = Path(out)
     for split in SPLITS:
@@ -456,6 +465,7 @@ def build(
         "seed": seed,
         "heldout_fraction": heldout_fraction,
         "skin_tones": skin_tones,
+        "upscaled_from_px": upscaled,
         "emoji_package": emoji.__version__,
         "counts": counts,
         "concepts": {split: len({row["concept"] for s, row in kept if s == split}) for split in SPLITS},

@@ -17,6 +17,7 @@ import multiprocessing
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
@@ -35,7 +36,7 @@ RELEASED = Path(__file__).parent / "weights" / "shapes_judge"
 TRAIN_STREAM, EVAL_STREAM, _AUGMENT_STREAM = 0, 1, 2
 _STREAM_TAG = 0x5A4A  # keeps these random streams apart from the corpus builder's
 MIN_ACCURACY = 0.99
-EVAL_BLUR = 1.0
+EVAL_BLUR = 1.0  # px at 64 px, scaled with the picture
 ATTRIBUTE_TRIPLE = ("color", "shape", "background")  # what a prompt such as "a blue ball on grass" names
 
 
@@ -155,17 +156,23 @@ def load_judge(path: str | os.PathLike | None = None, device: str | torch.device
 # ---------------------------------------------------------------- data
 
 
-def _render_one(key: tuple[int, int, int]) -> tuple[np.ndarray, list[int]]:
+def _render_one(key: tuple[int, int, int], resolution: int = IMAGE_SIZE) -> tuple[np.ndarray, list[int]]:
     rng = np.random.default_rng([_STREAM_TAG, *key])
     scene = sample_scene(rng)
     labels = [ATTRIBUTES[name].index(getattr(scene, name)) for name in ATTRIBUTES]
-    return np.asarray(render(scene, IMAGE_SIZE, rng)), labels
+    return np.asarray(render(scene, resolution, rng)), labels
 
 
 def render_set(
-    num_images: int, seed: int, stream: int, workers: int | None = None, progress: bool = True
+    num_images: int,
+    seed: int,
+    stream: int,
+    workers: int | None = None,
+    progress: bool = True,
+    resolution: int = IMAGE_SIZE,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Fresh renders of random scenes: uint8 images (N, 64, 64, 3) and labels (N, len(ATTRIBUTES))."""
+    """Fresh renders of random scenes: uint8 images (N, resolution, resolution, 3) and labels (N,
+    len(ATTRIBUTES)). The scenes depend on the seed and stream alone, not on the resolution."""
     from tqdm.auto import tqdm
 
     if num_images < 1:
@@ -174,14 +181,15 @@ def render_set(
     workers = min(os.cpu_count() or 1, 8) if workers is None else workers
     bar = tqdm(total=num_images, desc="rendering", unit="img", disable=not progress, leave=False)
     rows = []
+    render_one = partial(_render_one, resolution=resolution)
     if workers > 1 and num_images >= 1000:
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            for row in pool.imap(_render_one, keys, chunksize=128):
+            for row in pool.imap(render_one, keys, chunksize=128):
                 rows.append(row)
                 bar.update()
     else:
         for key in keys:
-            rows.append(_render_one(key))
+            rows.append(render_one(key))
             bar.update()
     bar.close()
     return np.stack([image for image, _ in rows]), np.asarray([labels for _, labels in rows], np.int64)
@@ -280,13 +288,20 @@ def train(
 
 
 def accuracy(
-    judge: ShapesJudge, num_images: int, seed: int, workers: int | None = None, progress: bool = True
+    judge: ShapesJudge,
+    num_images: int,
+    seed: int,
+    workers: int | None = None,
+    progress: bool = True,
+    resolution: int = IMAGE_SIZE,
 ) -> dict[str, dict[str, float]]:
-    """Per-attribute accuracy on fresh evaluation renders, crisp and blurred (sigma 1 px)."""
-    images, labels = render_set(num_images, seed, EVAL_STREAM, workers, progress)
+    """Per-attribute accuracy on fresh evaluation renders of `resolution` px, crisp and blurred (sigma 1 px at
+    64 px, 2 px at 128 px); the judge reads them resized to its 64 px."""
+    images, labels = render_set(num_images, seed, EVAL_STREAM, workers, progress, resolution)
     crisp = [Image.fromarray(image) for image in images]
+    sigma = EVAL_BLUR * resolution / IMAGE_SIZE
     result = {}
-    for condition, pictures in (("crisp", crisp), ("blurred", [blur(p, EVAL_BLUR) for p in crisp])):
+    for condition, pictures in (("crisp", crisp), ("blurred", [blur(p, sigma) for p in crisp])):
         correct = (judge.predict(pictures) == labels).mean(axis=0)
         result[condition] = {name: float(correct[k]) for k, name in enumerate(ATTRIBUTES)}
     return result
@@ -301,9 +316,12 @@ def format_table(result: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def check(model: str | os.PathLike | None = None, num_images: int = 1000, seed: int = 1) -> None:
-    """Print the judge's accuracy table; raise ValueError naming any attribute below 0.99."""
-    result = accuracy(load_judge(model), num_images, seed)
+def check(
+    model: str | os.PathLike | None = None, num_images: int = 1000, seed: int = 1, resolution: int = IMAGE_SIZE
+) -> None:
+    """Print the judge's accuracy table on renders of `resolution` px; raise ValueError naming any attribute
+    below 0.99."""
+    result = accuracy(load_judge(model), num_images, seed, resolution=resolution)
     print(format_table(result))
     failing = [
         f"{name} ({condition} {result[condition][name]:.4f})"
@@ -333,7 +351,7 @@ def _train_cli(args: argparse.Namespace) -> None:
 
 
 def _check_cli(args: argparse.Namespace) -> None:
-    check(args.model, args.num_images, args.seed)
+    check(args.model, args.num_images, args.seed, args.resolution)
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -353,4 +371,5 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     test.add_argument("--model", default=None, help="model directory (default: the released judge)")
     test.add_argument("--num-images", type=int, default=1000)
     test.add_argument("--seed", type=int, default=1)
+    test.add_argument("--resolution", type=int, default=IMAGE_SIZE, help="size of the renders it reads")
     test.set_defaults(func=_check_cli)

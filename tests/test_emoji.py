@@ -227,3 +227,19 @@ def test_cli(tmp_path, capsys):
     args.func(args)
     assert "wrote 6 images (twemoji 3, openmoji 3)" in capsys.readouterr().out
     assert Image.open(next((tmp_path / "train").glob("*.png"))).size == (16, 16)
+
+
+def test_build_at_128_px_says_which_styles_are_upscaled(tmp_path, capsys):
+    counts = _build(tmp_path, resolution=128, heldout_fraction=0.5, progress=True)
+    assert counts == {"noto": 4, "twemoji": 4, "openmoji": 4, "fluent": 3}
+    assert "note: at 128 px, twemoji (64 px) are upscaled" in capsys.readouterr().err
+    info = json.loads((tmp_path / "emoji_corpus.json").read_text())
+    assert info["resolution"] == 128 and info["upscaled_from_px"] == {"twemoji": 64}
+    for split, split_rows in _rows(tmp_path).items():
+        for row in split_rows:
+            image = Image.open(tmp_path / split / row["file_name"])
+            assert image.size == (128, 128)
+            assert min(image.getpixel((0, 0))) >= 250 and min(image.getpixel((64, 64))) < 200
+    _build(tmp_path / "small", resolution=64, progress=True)
+    assert "upscaled" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "small" / "emoji_corpus.json").read_text())["upscaled_from_px"] == {}

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from common.config import Config, ConfigError
+from common.config import Config, ConfigError, added_field
 from common.hub import CONFIG_NAME, STORAGE_DTYPES, WEIGHTS_NAME, ModelLoadError, PretrainedModel, storage_dtype
 
 
@@ -107,6 +107,21 @@ def test_missing_field_is_refused(tmp_path):
     (tmp_path / "m" / CONFIG_NAME).write_text(json.dumps(data))
     with pytest.raises(ModelLoadError, match=r"missing config field\(s\) \['depth'\]"):
         Tiny.from_pretrained(tmp_path / "m")
+
+
+@dataclass
+class GrownConfig(Config):
+    width: int = 4
+    gain: float = added_field(1.0)  # a field that saves made before it existed lack
+
+
+def test_only_an_added_field_may_be_missing():
+    assert GrownConfig.from_dict({"width": 3}) == GrownConfig(width=3, gain=1.0)
+    assert GrownConfig.from_dict({"width": 3, "gain": 2}).gain == 2.0
+    with pytest.raises(ConfigError, match=r"missing config field\(s\) \['width'\]"):
+        GrownConfig.from_dict({"gain": 2.0})
+    with pytest.raises(ConfigError, match="'gain'"):
+        GrownConfig.from_dict({"width": 3, "gain": "loud"})
 
 
 def test_config_limits_checked_on_construction():

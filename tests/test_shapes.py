@@ -88,3 +88,17 @@ def test_bad_arguments():
         shapes.build("/nonexistent", 1)
     with pytest.raises(ValueError, match="resolution"):
         shapes.build("/nonexistent", 10, resolution=4)
+
+
+def test_the_command_builds_the_same_world_at_128_px(tmp_path):
+    from PIL import Image
+
+    from app.cli import main
+
+    for size in (64, 128):
+        args = ["data", "shapes", "--out", str(tmp_path / str(size)), "--num-images", "6", "--resolution", str(size)]
+        assert main([*args, "--workers", "1"]) == 0
+        assert Image.open(tmp_path / str(size) / "train" / "00000000.png").size == (size, size)
+    for split in ("train", "validation"):  # the same scenes and captions; only the pixels differ
+        rows = [(tmp_path / str(size) / split / "metadata.jsonl").read_text() for size in (64, 128)]
+        assert rows[0] == rows[1]

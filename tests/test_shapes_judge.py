@@ -8,6 +8,7 @@ from corpora.shapes_judge import (
     EVAL_STREAM,
     JudgeConfig,
     ShapesJudge,
+    accuracy,
     check,
     load_judge,
     render_set,
@@ -82,3 +83,12 @@ def test_train_writes_a_loadable_judge_that_learns(tmp_path) -> None:
     assert all(reading[name] in values for name, values in ATTRIBUTES.items())
     with pytest.raises(ValueError, match="judge accuracy below 0.99 for"):
         check(out, num_images=20)
+
+
+def test_released_judge_reads_128_px_renders(judge: ShapesJudge) -> None:
+    images, labels = render_set(100, seed=123, stream=EVAL_STREAM, workers=0, progress=False, resolution=128)
+    assert images.shape == (100, 128, 128, 3)
+    small, same_labels = render_set(100, seed=123, stream=EVAL_STREAM, workers=0, progress=False)
+    assert np.array_equal(labels, same_labels) and small.shape == (100, 64, 64, 3)  # the same scenes
+    result = accuracy(judge, 200, seed=123, workers=0, progress=False, resolution=128)  # blurred: sigma 2 px
+    assert min(min(condition.values()) for condition in result.values()) >= 0.97, result

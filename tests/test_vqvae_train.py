@@ -3,9 +3,11 @@ import json
 import pytest
 import torch
 
+from common.training import run_script
 from corpora.shapes import build
 from tests.launch import accelerate_launch, weights
 from vqvae.model import VQVAE
+from vqvae.train import main, model_config, parse_args
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +73,29 @@ def test_two_processes_match_one_with_the_doubled_batch(shapes16, tmp_path):
         "reconstruction-000002.png",
         "reconstruction-000003.png",
     ]
+
+
+def _config(*flags):
+    return model_config(parse_args(["--train_data_dir", "data", "--output_dir", "out", *flags]))
+
+
+def test_a_resolution_that_misses_the_presets_grid_is_refused_at_start(tmp_path, capsys):
+    refused = r"--resolution 256 gives preset f4 a 64 x 64 code grid \(4096 codes a picture\), but f4 is made for 64 px"
+    with pytest.raises(ValueError, match=refused + r".* take --preset f8-256 \(32 x 32\) or f16-256 \(16 x 16\)"):
+        _config("--preset", "f4", "--resolution", "256")
+    with pytest.raises(ValueError, match="For 128 px take --preset f8-128"):
+        _config("--preset", "f16-256", "--resolution", "128")
+    with pytest.raises(ValueError, match="No preset is for 96 px"):
+        _config("--preset", "f4", "--resolution", "96")
+    assert _config("--preset", "f16-256", "--resolution", "256").grid_size == 16
+    assert _config("--preset", "f8-128", "--resolution", "128").grid_size == 16
+    assert _config("--preset", "f4", "--model_config", '{"codebook_size": 64}').grid_size == 16
+    # saying so keeps the grid
+    assert _config("--preset", "f4", "--resolution", "256", "--model_config", '{"resolution": 256}').grid_size == 64
+    # the command prints one line and exits 2, before reading any data
+    with pytest.raises(SystemExit) as exit_code:
+        run_script(lambda: main(["--train_data_dir", str(tmp_path / "none"), "--output_dir", str(tmp_path / "out"),
+                                 "--preset", "f4", "--resolution", "256"]), "vqvae.train")  # fmt: skip
+    assert exit_code.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vqvae.train: error: --resolution 256 gives preset f4") and "\n" not in err

@@ -1,10 +1,11 @@
 """The VQ-VAE image tokenizer: conv encoder -> vector quantizer -> conv decoder.
 
 `encode(pixels) -> codes (B, h, w)`, `decode(codes) -> pixels in [-1, 1]`, and `forward(pixels) ->
-VQVAEOutput`. The quantizer looks codes up in a low-dimensional, optionally l2-normalized space
-(LlamaGen's remedy for codebook collapse), can update its codebook by EMA instead of by gradient,
-initializes the codebook from the first batch of encoder outputs, and restarts codes that fall out of
-use. Codebook usage and perplexity are computed on every forward pass.
+VQVAEOutput`. The larger presets add single-head self-attention at the lowest resolution of encoder and
+decoder, as taming's VQGAN and LlamaGen's VQ do. The quantizer looks codes up in a low-dimensional,
+optionally l2-normalized space (LlamaGen's remedy for codebook collapse), can update its codebook by EMA
+instead of by gradient, initializes the codebook from the first batch of encoder outputs, and restarts
+codes that fall out of use. Codebook usage and perplexity are computed on every forward pass.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from common.config import Config, ConfigError
+from common.config import Config, ConfigError, added_field
 from common.hub import PretrainedModel
 
 
@@ -40,6 +41,12 @@ class VQVAEConfig(Config):
     ema_decay: float = 0.99
     # a code whose running usage falls below this fraction of uniform usage is restarted
     dead_code_threshold: float = 0.03
+    # levels (0 = full resolution) whose residual blocks are each followed by self-attention, in the encoder and
+    # (mirrored) in the decoder
+    attention_levels: tuple[int, ...] = added_field(())
+    # the blocks between the last level and the code space, in the encoder and the decoder: one residual block,
+    # or with this, residual block, self-attention, residual block
+    mid_attention: bool = added_field(False)
 
     limits = {
         "resolution": (8, 1024),
@@ -53,6 +60,7 @@ class VQVAEConfig(Config):
         "beta": (0.0, 10.0),
         "ema_decay": (0.0, 1.0),
         "dead_code_threshold": (0.0, 1.0),
+        "attention_levels": (0, 5),
     }
 
     def validate(self) -> None:
@@ -63,6 +71,13 @@ class VQVAEConfig(Config):
             raise ConfigError(
                 f"config field 'num_res_blocks': needs one entry per level ({len(self.channel_mult)}), "
                 f"got {len(self.num_res_blocks)}"
+            )
+        if len(set(self.attention_levels)) != len(self.attention_levels) or any(
+            level >= len(self.channel_mult) for level in self.attention_levels
+        ):
+            raise ConfigError(
+                f"config field 'attention_levels': needs distinct levels below {len(self.channel_mult)}, "
+                f"got {self.attention_levels}"
             )
         if self.resolution % self.downsample_factor:
             raise ConfigError(
@@ -78,6 +93,10 @@ class VQVAEConfig(Config):
     def grid_size(self) -> int:
         return self.resolution // self.downsample_factor
 
+
+# what the 128- and 256-px presets share
+_LARGE = {"base_channels": 128, "latent_channels": 256, "codebook_size": 16384, "mid_attention": True}
+_F8 = {**_LARGE, "channel_mult": (1, 2, 2, 4), "num_res_blocks": (2, 2, 2, 2), "attention_levels": (3,)}
 
 PRESETS: dict[str, VQVAEConfig] = {
     # tiny: for tests
@@ -98,7 +117,18 @@ PRESETS: dict[str, VQVAEConfig] = {
     "f4": VQVAEConfig(base_channels=16, channel_mult=(1, 2, 4), num_res_blocks=(0, 1, 2), codebook_size=1024),
     # 64 px -> 16 x 16 codes, wide enough to keep small shapes' edges (2.1M parameters; train it on a GPU)
     "f4-wide": VQVAEConfig(base_channels=48, channel_mult=(1, 2, 2), num_res_blocks=(1, 2, 2), codebook_size=1024),
+    # Pictures of 128 and 256 px, after taming's VQGAN and LlamaGen's VQ-8 and VQ-16: 128 channels widening to
+    # 512, self-attention at the lowest resolution, 16,384 l2-normalized 8-dimensional codes; train them on a GPU.
+    "f8-128": VQVAEConfig(resolution=128, **_F8),  # 128 px -> 16 x 16 codes
+    "f8-256": VQVAEConfig(resolution=256, **_F8),  # 256 px -> 32 x 32 codes
+    "f16-256": VQVAEConfig(  # 256 px -> 16 x 16 codes
+        resolution=256, **_LARGE, channel_mult=(1, 1, 2, 2, 4), num_res_blocks=(2, 2, 2, 2, 2), attention_levels=(4,)
+    ),
 }
+
+
+# elements of the (rows, codebook size) blocks the quantizer computes at once (64 MB of float32)
+_CHUNK_ELEMENTS = 1 << 24
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -118,6 +148,41 @@ class ResBlock(nn.Module):
         return self.skip(x) + self.block(x)
 
 
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over every position of a feature map, with a residual (taming's AttnBlock).
+
+    Not causal: each output position sees the whole map. (B, C, h, w) -> (B, C, h, w).
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = _norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        q, k, v = rearrange(self.qkv(self.norm(x)), "b (n c) h w -> n b 1 (h w) c", n=3)  # each (B, 1, hw, C)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, 1, hw, C)
+        return x + self.proj(rearrange(out, "b 1 (h w) c -> b c h w", h=h, w=w))
+
+
+def _level(c: VQVAEConfig, level: int, ch: int, width: int) -> tuple[list[nn.Module], int]:
+    """The residual blocks of one resolution level, each followed by attention at the attention levels."""
+    layers: list[nn.Module] = []
+    for _ in range(c.num_res_blocks[level]):
+        layers.append(ResBlock(ch, width))
+        ch = width
+        if level in c.attention_levels:
+            layers.append(AttentionBlock(ch))
+    return layers, ch
+
+
+def _mid(c: VQVAEConfig, ch: int) -> list[nn.Module]:
+    """The blocks at the code grid's resolution, between the last level and the code space."""
+    return [ResBlock(ch, ch), AttentionBlock(ch), ResBlock(ch, ch)] if c.mid_attention else [ResBlock(ch, ch)]
+
+
 class Encoder(nn.Module):
     def __init__(self, c: VQVAEConfig) -> None:
         super().__init__()
@@ -125,13 +190,12 @@ class Encoder(nn.Module):
         layers: list[nn.Module] = [nn.Conv2d(c.in_channels, widths[0], 3, padding=1)]
         ch = widths[0]
         for level, width in enumerate(widths):
-            for _ in range(c.num_res_blocks[level]):
-                layers.append(ResBlock(ch, width))
-                ch = width
+            blocks, ch = _level(c, level, ch, width)
+            layers += blocks
             if level < len(widths) - 1:
                 layers.append(nn.Conv2d(ch, widths[level + 1], 3, stride=2, padding=1))
                 ch = widths[level + 1]
-        layers += [ResBlock(ch, ch), _norm(ch), nn.SiLU(), nn.Conv2d(ch, c.latent_channels, 3, padding=1)]
+        layers += [*_mid(c, ch), _norm(ch), nn.SiLU(), nn.Conv2d(ch, c.latent_channels, 3, padding=1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,14 +206,13 @@ class Decoder(nn.Module):
     def __init__(self, c: VQVAEConfig) -> None:
         super().__init__()
         widths = [c.base_channels * m for m in c.channel_mult][::-1]
-        blocks = c.num_res_blocks[::-1]
+        top = len(widths) - 1
         ch = widths[0]
-        layers: list[nn.Module] = [nn.Conv2d(c.latent_channels, ch, 3, padding=1), ResBlock(ch, ch)]
-        for level, width in enumerate(widths):
-            for _ in range(blocks[level]):
-                layers.append(ResBlock(ch, width))
-                ch = width
-            if level < len(widths) - 1:
+        layers: list[nn.Module] = [nn.Conv2d(c.latent_channels, ch, 3, padding=1), *_mid(c, ch)]
+        for level, width in enumerate(widths):  # lowest resolution first: the encoder's level top - level
+            blocks, ch = _level(c, top - level, ch, width)
+            layers += blocks
+            if level < top:
                 layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, widths[level + 1], 3, padding=1)]
                 ch = widths[level + 1]
         layers += [_norm(ch), nn.SiLU(), nn.Conv2d(ch, c.in_channels, 3, padding=1)]
@@ -218,12 +281,20 @@ class VectorQuantizer(nn.Module):
             z = self.project_in(z.float())
             return F.normalize(z, dim=1) if self.l2_normalize else z
 
+    def _chunks(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`flat` split into row blocks whose (rows, codebook size) intermediates stay near 64 MB."""
+        return flat.split(max(1, _CHUNK_ELEMENTS // self.codebook_size))
+
     def nearest(self, flat: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest codebook entry for each row of `flat` (N, D)."""
+        """Index of the nearest codebook entry for each row of `flat` (N, D), a block of rows at a time."""
         with torch.autocast(flat.device.type, enabled=False):
-            flat, table = flat.float(), self.lookup_table()
-            distances = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ table.t() + table.pow(2).sum(1)[None]
-        return distances.argmin(1)
+            table = self.lookup_table()
+            table_sq = table.pow(2).sum(1)[None]
+            codes = [
+                (rows.pow(2).sum(1, keepdim=True) - 2 * rows @ table.t() + table_sq).argmin(1)
+                for rows in self._chunks(flat.float())
+            ]
+        return torch.cat(codes) if codes else flat.new_zeros(0, dtype=torch.long)
 
     def embed(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, h, w) codes -> (B, dim, h, w) decoder input."""
@@ -259,17 +330,25 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _update_codebook(self, flat: torch.Tensor) -> None:
         everyone = _all_gather_cat(flat)
-        if not bool(self.initialized):
+        first = not bool(self.initialized)
+        if first:
             self._init_from_data(everyone)
         if self.ema:
             codes = self.nearest(everyone)
-            one_hot = F.one_hot(codes, self.codebook_size).type_as(everyone)
-            self.ema_count.mul_(self.ema_decay).add_(one_hot.sum(0), alpha=1 - self.ema_decay)
-            self.ema_sum.mul_(self.ema_decay).add_(one_hot.t() @ everyone, alpha=1 - self.ema_decay)
+            counts = torch.bincount(codes, minlength=self.codebook_size).type_as(everyone)
+            # per-code sums of the vectors, by one-hot products a block at a time: deterministic, unlike index_add_
+            # on a GPU, so every process computes the same codebook
+            sums = sum(
+                F.one_hot(block_codes, self.codebook_size).type_as(rows).t() @ rows
+                for block_codes, rows in zip(self._chunks(codes), self._chunks(everyone), strict=True)
+            )
+            self.ema_count.mul_(self.ema_decay).add_(counts, alpha=1 - self.ema_decay)
+            self.ema_sum.mul_(self.ema_decay).add_(sums, alpha=1 - self.ema_decay)
             n = self.ema_count.sum()
             count = (self.ema_count + 1e-5) / (n + self.codebook_size * 1e-5) * n  # Laplace smoothing
             self.codebook.data.copy_(self.ema_sum / count[:, None])
-        self.restart_dead_codes(everyone)
+        if not first:  # restarts draw on later batches than the one the codes were just drawn from
+            self.restart_dead_codes(everyone)
 
     def _generator(self, flat: torch.Tensor) -> torch.Generator:
         """The same random stream on every process: seeded from the gathered data itself."""
@@ -277,12 +356,16 @@ class VectorQuantizer(nn.Module):
         return torch.Generator(device=flat.device).manual_seed(seed)
 
     def _init_from_data(self, flat: torch.Tensor) -> None:
-        pick = torch.randint(
-            0, flat.shape[0], (self.codebook_size,), generator=self._generator(flat), device=flat.device
-        )
+        """Codes on distinct encoder outputs. When the batch has fewer vectors than codes, the codes beyond them
+        repeat the first ones and start out of use, so the next batches restart them on fresh outputs."""
+        generator = self._generator(flat)
+        n, rounds = flat.shape[0], math.ceil(self.codebook_size / flat.shape[0])
+        pick = torch.cat([torch.randperm(n, generator=generator, device=flat.device) for _ in range(rounds)])
+        pick = pick[: self.codebook_size]
         self.codebook.data.copy_(flat[pick])
         self.ema_sum.copy_(flat[pick])
         self.ema_count.fill_(1.0)
+        self.usage_ema[flat.shape[0] :] = 0.0
         self.initialized.fill_(True)
 
     def _track_usage(self, codes: torch.Tensor) -> None:
@@ -291,12 +374,15 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def restart_dead_codes(self, flat: torch.Tensor) -> int:
-        """Move codes whose running usage is below the threshold onto random encoder outputs."""
-        dead = self.usage_ema < self.dead_code_threshold / self.codebook_size
-        n_dead = int(dead.sum())
+        """Move codes whose running usage is below the threshold onto distinct random encoder outputs; when there
+        are more dead codes than outputs, the lowest-numbered ones now and the rest at later steps. Returns how
+        many moved."""
+        dead = (self.usage_ema < self.dead_code_threshold / self.codebook_size).nonzero().squeeze(1)
+        dead = dead[: flat.shape[0]]
+        n_dead = len(dead)
         if n_dead == 0:
             return 0
-        pick = torch.randint(0, flat.shape[0], (n_dead,), generator=self._generator(flat), device=flat.device)
+        pick = torch.randperm(flat.shape[0], generator=self._generator(flat), device=flat.device)[:n_dead]
         self.codebook.data[dead] = flat[pick]
         self.ema_sum[dead] = flat[pick]
         self.ema_count[dead] = 1.0

@@ -11,6 +11,7 @@ codebook usage, perplexity and dead codes on the validation split) in OUTPUT_DIR
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from common.metrics import psnr
 from common.training import Trainer, TrainerHooks, TrainingConfig, add_training_args, run_script, write_eval
 from vqvae.evaluate import evaluate, reconstruction_grid
 from vqvae.gan import VQGAN, PatchDiscriminator, adaptive_weight, hinge_discriminator_loss
-from vqvae.model import PRESETS, VQVAE
+from vqvae.model import PRESETS, VQVAE, VQVAEConfig
+from vqvae.perceptual import LPIPS, load_lpips
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -38,14 +40,44 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     gan.add_argument("--disc_weight", type=float, default=0.5, help="times the adaptive weight")
     gan.add_argument("--disc_channels", type=int, default=64)
     gan.add_argument("--disc_layers", type=int, default=3, help="fewer for small images")
+    perceptual = parser.add_argument_group("perceptual loss (LPIPS; off unless --perceptual_weights is given)")
+    perceptual.add_argument(
+        "--perceptual_weights",
+        help="torchvision's VGG16 weights (vgg16-397923af.pth): a path, or 'hub' for the torch hub cache",
+    )
+    perceptual.add_argument(
+        "--lpips_weights", help="LPIPS's calibration (its weights/v0.1/vgg.pth); default: the lpips package's copy"
+    )
+    perceptual.add_argument("--perceptual_loss_weight", type=float, default=1.0, help="times the LPIPS distance")
     add_training_args(parser, learning_rate=3e-4, train_batch_size=64, max_train_steps=5000)
     return parser.parse_args(argv)
 
 
+def model_config(args: argparse.Namespace) -> VQVAEConfig:
+    """The preset at `--resolution` with the `--model_config` overrides.
+
+    Each preset is made for one picture size and code grid; a `--resolution` that gives another grid is
+    refused, naming the presets made for that size, unless `--model_config` sets the geometry itself
+    ("resolution" or "channel_mult").
+    """
+    preset = PRESETS[args.preset]
+    config = preset.replace({"resolution": args.resolution}).replace_json(args.model_config)
+    overrides = json.loads(args.model_config) if args.model_config else {}
+    if config.grid_size != preset.grid_size and not {"resolution", "channel_mult"} & set(overrides):
+        size, grid = args.resolution, config.grid_size
+        fitting = [f"{name} ({c.grid_size} x {c.grid_size})" for name, c in PRESETS.items() if c.resolution == size]
+        advice = f"For {size} px take --preset {' or '.join(fitting)}" if fitting else f"No preset is for {size} px"
+        raise ValueError(
+            f"--resolution {size} gives preset {args.preset} a {grid} x {grid} code grid ({grid**2} codes a picture), "
+            f"but {args.preset} is made for {preset.resolution} px and {preset.grid_size} x {preset.grid_size}. "
+            f"""{advice}; to keep this grid, say so with --model_config '{{"resolution": {size}}}'"""
+        )
+    return config
+
+
 def build_model(args: argparse.Namespace) -> VQVAE | VQGAN:
     """The tokenizer, wrapped with a discriminator when the adversarial loss is on."""
-    config = PRESETS[args.preset].replace({"resolution": args.resolution}).replace_json(args.model_config)
-    vqvae = VQVAE(config)
+    vqvae = VQVAE(model_config(args))
     return (
         vqvae
         if args.disc_start_step is None
@@ -57,8 +89,19 @@ def tokenizer_of(model: torch.nn.Module) -> VQVAE:
     return model.vqvae if isinstance(model, VQGAN) else model
 
 
+def perceptual_loss(args: argparse.Namespace) -> LPIPS | None:
+    """The frozen LPIPS network when --perceptual_weights is given; a missing file is a one-line error."""
+    if args.perceptual_weights is None:
+        return None
+    try:
+        return load_lpips(args.perceptual_weights, args.lpips_weights)
+    except ValueError as err:
+        raise ValueError(f"perceptual loss: {err} (--perceptual_weights PATH|hub, --lpips_weights PATH)") from None
+
+
 def make_loss(args: argparse.Namespace):
     reconstruction_loss = F.l1_loss if args.reconstruction_loss == "l1" else F.mse_loss
+    lpips = perceptual_loss(args)  # kept out of the model: frozen, never saved, never in the optimizer
 
     def compute_loss(model: torch.nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         pixels = batch["pixel_values"]
@@ -67,12 +110,16 @@ def make_loss(args: argparse.Namespace):
         else:
             out, fake_for_generator, real, fake = model(pixels)
         rec = reconstruction_loss(out.reconstruction, pixels)
-        loss = rec + out.commitment_loss + out.codebook_loss
         logs = {
             "psnr": psnr(out.reconstruction.detach(), pixels).mean().item(),
             "usage": out.usage.item(),
             "perplexity": out.perplexity.item(),
         }
+        if lpips is not None:
+            distance = lpips.to(pixels.device)(out.reconstruction, pixels).mean()
+            rec = rec + args.perceptual_loss_weight * distance  # the adversarial weight balances against both
+            logs["lpips"] = distance.item()
+        loss = rec + out.commitment_loss + out.codebook_loss
         if args.disc_start_step is not None:
             on = float(step >= args.disc_start_step)  # before the start the terms are computed but weigh nothing
             generator_loss = -fake_for_generator.mean()
@@ -92,8 +139,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
     args = parse_args(argv)
     settings = TrainingConfig.from_args(args)  # refuses bad training flags before the data is read
     set_seed(args.seed)
+    model, compute_loss = build_model(args), make_loss(args)  # bad flags and missing weights fail before the data
     data = load_image_text(DataConfig.from_args(args), seed=args.seed)
-    model = build_model(args)
     output_dir = Path(args.output_dir)
     grid_pixels = torch.stack(
         [data.validation[i]["pixel_values"] for i in range(min(args.num_grid_images, len(data.validation)))]
@@ -108,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
         settings,
         model,
         data.train,
-        make_loss(args),
+        compute_loss,
         collate=collate,
         hooks=TrainerHooks([(args.validation_steps, save_grid)]),
         hparams=vars(args),

@@ -5,8 +5,9 @@
 
 A pipeline folder holds `pipeline.json` and one subfolder per stage (`vqvae/`, `contrastive/`, `prior/`);
 `pipeline.json` names the subfolders and records each stage's `save_id`, so a folder whose stages come from
-different saves is refused. Subfolder names must be plain names inside the pipeline folder. It also holds
-the model's default sampling settings (`"sampling"`), which calls that leave an argument out use.
+different saves is refused. Subfolder names must be plain names, and a subfolder (or a file in it) that is a
+symlink must stay inside the pipeline folder. It also holds the model's default sampling settings
+(`"sampling"`), which calls that leave an argument out use. Any other key is refused.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 
 from common.data import image_pixels
 from common.grid import to_pil, to_uint8
-from common.hub import CONFIG_NAME, ModelLoadError, atomic_write_text, read_json
+from common.hub import CONFIG_NAME, ModelLoadError, atomic_write_text, inside, read_json
 from contrastive.model import ContrastiveModel
 from prior.model import Prior, check_sampling_args
 from vqvae.model import VQVAE
@@ -34,6 +35,8 @@ from vqvae.model import VQVAE
 PIPELINE_NAME = "pipeline.json"
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "shapes-demo"  # the released shapes-world model
 STAGES = {"vqvae": VQVAE, "contrastive": ContrastiveModel, "prior": Prior}
+PIPELINE_KEYS = {"stages", "sampling"}  # what pipeline.json holds, and what each of its stages does:
+STAGE_KEYS = {"folder", "save_id"}
 OUTPUT_TYPES = ("pil", "np", "pt")
 ImageInput = Image.Image | str | os.PathLike  # a picture to complete: a PIL image or the path to one
 SAMPLING_DEFAULTS = {
@@ -150,7 +153,14 @@ def _stage_dir(root: Path, name: str) -> Path:
         or name in (".", "..")
     ):
         raise ModelLoadError(f"{root / PIPELINE_NAME}: stage folder {name!r} must be a plain folder name")
+    inside(root, root / name)
     return root / name
+
+
+def _check_keys(found: dict, known: set[str], where: str) -> None:
+    unknown = sorted(set(found) - known, key=str)
+    if unknown:
+        raise ModelLoadError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
 
 
 class TextToImagePipeline:
@@ -176,9 +186,10 @@ class TextToImagePipeline:
     def from_pretrained(cls, path: str | os.PathLike) -> TextToImagePipeline:
         """From a pipeline folder (`pipeline.json` + one subfolder per stage)."""
         root = Path(path)
-        spec = read_json(root / PIPELINE_NAME)
+        spec = read_json(inside(root, root / PIPELINE_NAME))
         if not isinstance(spec, dict) or not isinstance(spec.get("stages"), dict):
             raise ModelLoadError(f'{root / PIPELINE_NAME}: expected {{"stages": {{...}}}}')
+        _check_keys(spec, PIPELINE_KEYS, str(root / PIPELINE_NAME))
         stages = spec["stages"]
         if set(stages) != set(STAGES):
             raise ModelLoadError(
@@ -189,6 +200,7 @@ class TextToImagePipeline:
             entry = stages[name]
             if not isinstance(entry, dict):
                 raise ModelLoadError(f"{root / PIPELINE_NAME}: stage {name!r} must be an object")
+            _check_keys(entry, STAGE_KEYS, f"{root / PIPELINE_NAME}: stage {name!r}")
             folder = _stage_dir(root, entry.get("folder"))
             config = read_json(folder / CONFIG_NAME)
             saved = config.get("save_id") if isinstance(config, dict) else None
@@ -252,7 +264,6 @@ class TextToImagePipeline:
         its prompt's: it keeps the top `keep_rows` rows of the image's codes (default: half of them) and the
         prior draws the rest for the prompt. The kept part comes back as the tokenizer draws it."""
         prompts = clean_prompts(prompt)
-        kept = self._kept_codes(image, keep_rows, len(prompts))
         given = {
             "guidance_scale": guidance_scale,
             "temperature": temperature,
@@ -267,8 +278,14 @@ class TextToImagePipeline:
             settings[name] for name in SAMPLING_DEFAULTS
         )
         check_count("num_images_per_prompt", num_images_per_prompt)
+        check_count("batch_size", batch_size)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(
+                f"generator must be a torch.Generator (torch.Generator().manual_seed(0)) or None, got {generator!r}"
+            )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        kept = self._kept_codes(image, keep_rows, len(prompts))
         self._warn_if_truncated(prompts)
 
         per_image = [p for p in prompts for _ in range(num_images_per_prompt)]

@@ -296,7 +296,7 @@ def _run_cli(monkeypatch, argv: list[str]) -> int:
     """`app.cli.main(argv)` with the search commands registered and the stub as the contrastive model."""
     parser = argparse.ArgumentParser(prog="vqclip")
     search_cli.add_cli(parser.add_subparsers(dest="command", required=True))
-    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(cli, "build_parser", lambda argv: parser)
     monkeypatch.setitem(sys.modules, "contrastive.model", types.SimpleNamespace(ContrastiveModel=StubModel))
     return cli.main(argv)
 

@@ -15,7 +15,9 @@ import json
 import os
 import unicodedata
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +142,11 @@ def clean_prompts(prompt: str | list[str], max_chars: int = 1000) -> list[str]:
     return cleaned
 
 
+def _report(callback: Callable[[int, int], None], before: int, total: int, done: int, _steps: int) -> None:
+    """Report one batch's drawing step as a step of the whole call."""
+    callback(before + done, total)
+
+
 def _stage_dir(root: Path, name: str) -> Path:
     """A stage's subfolder, refusing names that leave the pipeline folder."""
     if (
@@ -241,6 +248,7 @@ class TextToImagePipeline:
         batch_size: int = 32,
         image: ImageInput | list[ImageInput] | None = None,
         keep_rows: int | None = None,
+        callback: Callable[[int, int], None] | None = None,
     ) -> TextToImageOutput:
         """Generate `num_images_per_prompt` images per prompt. With `num_candidates` > 1, each image is the best
         of that many samples (reranking): by contrastive similarity to its prompt (`rerank="contrastive"`), by
@@ -250,7 +258,10 @@ class TextToImagePipeline:
 
         With `image` (a PIL image or a path to one, or a list of them, one per prompt), every image completes
         its prompt's: it keeps the top `keep_rows` rows of the image's codes (default: half of them) and the
-        prior draws the rest for the prompt. The kept part comes back as the tokenizer draws it."""
+        prior draws the rest for the prompt. The kept part comes back as the tokenizer draws it.
+
+        `callback(done, total)` is called after each code the prior draws for a batch of samples, with the
+        drawing steps done and to do over the whole call; an exception it raises stops the call."""
         prompts = clean_prompts(prompt)
         kept = self._kept_codes(image, keep_rows, len(prompts))
         given = {
@@ -277,6 +288,8 @@ class TextToImagePipeline:
             kept = kept.repeat_interleave(num_images_per_prompt * num_candidates, dim=0)  # one row per sample
         codes, pixels, scores, null_scores, log_likelihoods = [], [], [], [], []
         null_text = self.contrastive.encode_text([""])
+        steps = self.prior.config.num_codes - (0 if kept is None else kept.shape[1])  # drawn per batch
+        total = -(-len(samples) // batch_size) * steps
         for start in tqdm(range(0, len(samples), batch_size), desc="generating", disable=not show_progress):
             texts = samples[start : start + batch_size]
             features, mask = self.contrastive.text_token_features(texts)
@@ -284,6 +297,7 @@ class TextToImagePipeline:
                 features, mask, temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale,
                 generator=generator, show_progress=show_progress, return_log_likelihood=True,
                 prefix_codes=None if kept is None else kept[start : start + batch_size],
+                callback=None if callback is None else partial(_report, callback, start // batch_size * steps, total),
             )  # fmt: skip
             images = self.vqvae.decode(batch_codes)
             codes.append(batch_codes)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -266,6 +267,7 @@ class Prior(PretrainedModel):
         use_cache: bool = True,
         show_progress: bool = False,
         return_log_likelihood: bool = False,
+        callback: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Sample code grids (B, h, w) for B text conditions.
 
@@ -274,7 +276,9 @@ class Prior(PretrainedModel):
         samples the rest. Randomness comes only from `generator`. `use_cache=False` recomputes the whole
         sequence at every step (for comparison). `return_log_likelihood=True` also returns (B,) the mean
         log-probability (nats) of the sampled codes under the conditional model at temperature 1, unfiltered:
-        how typical the model finds each sample, whatever settings drew it.
+        how typical the model finds each sample, whatever settings drew it. `callback(done, total)` is called
+        after each sampled code position with the positions sampled and to sample; an exception it raises stops
+        sampling (a server uses this to drop work nobody waits for any more).
         """
         c = self.config
         check_sampling_args(c.codebook_size, temperature, top_k, top_p, guidance_scale)
@@ -340,6 +344,8 @@ class Prior(PretrainedModel):
                 codes[:, step] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
                 if return_log_likelihood:
                     log_likelihood += cond.log_softmax(-1).gather(1, codes[:, step, None]).squeeze(1)
+                if callback is not None:
+                    callback(step + 1 - steps.start, len(steps))
         codes = codes.view(b, c.grid_size, c.grid_size)
         if return_log_likelihood:
             return codes, log_likelihood / max(len(steps), 1)

@@ -272,3 +272,24 @@ def test_eval_command_writes_json_and_markdown(pipe, tmp_path, capsys):
     assert "text_to_image_r1" in report["search"]
     assert report["generation"]["prompts"] == 6 and 0 <= report["generation"]["judge_match_all"] <= 1
     assert "## Generation" in (tmp_path / "ev" / "eval.md").read_text()
+
+
+def test_callback_reports_every_drawing_step_and_can_stop_the_call(pipe):
+    seen = []
+    out = pipe(["a blue ball", "a red star"], num_images_per_prompt=3, batch_size=4, generator=_gen(),
+               show_progress=False, callback=lambda done, total: seen.append((done, total)))  # fmt: skip
+    steps = pipe.prior.config.num_codes
+    assert seen == [(i, 2 * steps) for i in range(1, 2 * steps + 1)]  # two batches of drawing
+    plain = pipe(["a blue ball", "a red star"], num_images_per_prompt=3, batch_size=4, generator=_gen(),
+                 show_progress=False)  # fmt: skip
+    assert torch.equal(out.codes, plain.codes)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_five(done, total):
+        if done == 5:
+            raise Stop
+
+    with pytest.raises(Stop):
+        pipe("a blue ball", generator=_gen(), show_progress=False, callback=stop_at_five)

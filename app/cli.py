@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_cli(subparsers)
     _add_generate_cli(subparsers)
 
-    from app import demo, evaluate, reconstruct, search
+    from app import demo, evaluate, reconstruct, search, serve
     from corpora import shapes_judge
 
     shapes_judge.add_cli(subparsers)
@@ -186,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_cli(subparsers)
     evaluate.add_cli(subparsers)
     demo.add_cli(subparsers)
+    serve.add_cli(subparsers)
     return parser
 
 

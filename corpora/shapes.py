@@ -308,6 +308,14 @@ SIZE_RADII = {"small": 0.12, "large": 0.21}
 
 def render(scene: Scene, resolution: int = 64, rng: np.random.Generator | None = None) -> Image.Image:
     """Render `scene` as an RGB image of `resolution` x `resolution` pixels."""
+    return render_with_box(scene, resolution, rng)[0]
+
+
+def render_with_box(
+    scene: Scene, resolution: int = 64, rng: np.random.Generator | None = None
+) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """`render`'s picture (the same one for the same `rng`) and the object's box (left, top, right, bottom) in
+    pixels: the smallest that holds every pixel the object, outline included, touches."""
     rng = rng if rng is not None else np.random.default_rng()
     size = resolution
     img = _background(scene.background, size, rng)
@@ -337,7 +345,9 @@ def render(scene: Scene, resolution: int = 64, rng: np.random.Generator | None =
     body = np.clip(color * light + glint, 0, 1)
     img = img * (1 - outer[..., None]) + edge * outer[..., None]
     img = img * (1 - inner[..., None]) + body * inner[..., None]
-    return Image.fromarray(np.round(np.clip(img, 0, 1) * 255).astype(np.uint8), "RGB")
+    rows, cols = np.nonzero(outer)
+    box = (int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1)
+    return Image.fromarray(np.round(np.clip(img, 0, 1) * 255).astype(np.uint8), "RGB"), box
 
 
 def sample_scene(rng: np.random.Generator, heldout: bool | None = None) -> Scene:

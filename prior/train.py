@@ -164,7 +164,7 @@ def sample_grid(
     captions = list(prompts) * samples_per_prompt
     features, mask = text(captions)
     generator = torch.Generator(features.device).manual_seed(seed)
-    codes = prior.generate(features, mask, guidance_scale=guidance_scale, generator=generator)
+    codes = prior.generate(features, mask, guidance_scale=guidance_scale, generator=generator).codes
     return make_grid(to_pil(vqvae.decode(codes)), captions, columns=len(prompts))
 
 

@@ -28,6 +28,7 @@ COMMANDS = {
     "search": "app.search",
     "eval": "app.evaluate",
     "demo": "app.demo",
+    "serve": "app.serve",
 }
 
 

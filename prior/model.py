@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -287,6 +288,7 @@ class Prior(PretrainedModel):
         redraw: torch.Tensor | None = None,
         use_cache: bool = True,
         show_progress: bool = False,
+        callback: Callable[[int, int], None] | None = None,
     ) -> Generation:
         """Sample code grids for B text conditions; with `codes`, redraw some of given grids' codes.
 
@@ -296,6 +298,8 @@ class Prior(PretrainedModel):
         every code before it. Only the codes from the first redrawn one on are decoded step by step, and each run
         of kept codes is fed in at once. Without `codes` every code is drawn. Randomness comes only from
         `generator`. `use_cache=False` recomputes the whole sequence at every step (for comparison).
+        `callback(done, total)` is called after each decoding step with the steps done and to do; an exception
+        it raises stops sampling (a server uses this to drop work nobody waits for any more).
         """
         c = self.config
         check_sampling_args(c.codebook_size, temperature, top_k, top_p, guidance_scale)
@@ -343,7 +347,7 @@ class Prior(PretrainedModel):
         # decoding from the cache multiplies `rows` rows by every weight at each step: reorder the weights for that
         # (a single row is a matrix-vector product, faster as it is)
         with prepacked(self, rows) if cache is not None and rows > 1 else contextlib.nullcontext():
-            for end in tqdm(ends, desc="sampling codes", disable=not show_progress, leave=False):
+            for step, end in enumerate(tqdm(ends, desc="sampling codes", disable=not show_progress, leave=False)):
                 t = c.text_length
                 if cache is None or cache.length == 0:  # the prefix and every code position so far at once
                     x = torch.cat([prefix, inputs(0, end + 1)], dim=1)
@@ -364,6 +368,8 @@ class Prior(PretrainedModel):
                 chosen = grid[:, done : end + 1, None]
                 log_probs[:, done : end + 1] = cond.log_softmax(-1).gather(2, chosen).squeeze(2)
                 done = end + 1
+                if callback is not None:
+                    callback(step + 1, len(ends))
         return Generation(grid.view(b, c.grid_size, c.grid_size), log_probs)
 
     def _given_codes(

@@ -127,7 +127,7 @@ def make_loss(text: TextFeatures):
     def compute_loss(model: torch.nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         features, mask = text(batch["text"])
         _, loss = model(batch["codes"], features, targets=batch["codes"], text_mask=mask, drop=batch.get("drop"))
-        return loss, {"bits_per_code": loss.item() / math.log(2)}
+        return loss, {"bits_per_code": loss.detach() / math.log(2)}
 
     return compute_loss
 

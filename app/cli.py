@@ -2,7 +2,8 @@
 
 Each subcommand is a module of `app/` (the corpora's, of `corpora/`) exposing `add_cli(subparsers)`, which
 adds its parser and sets `func`. Errors the user can fix (bad arguments, missing files) print one line and exit
-with status 2; no traceback.
+with status 2; no traceback. Arguments are checked as they are parsed (`common.arguments`), so that an output
+that cannot be written or a device that does not exist stops a command before its work, not after.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from common.arguments import MAX_SEED, Parser, device, integer, output_file, output_folder
 from common.data.load import add_format_args
 from common.hub import STORAGE_DTYPES, ModelLoadError, storage_dtype
 
@@ -54,12 +56,14 @@ def _add_data_cli(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="build the built-in corpora")
     kinds = data.add_subparsers(dest="kind", required=True)
     shapes = kinds.add_parser("shapes", help="render the synthetic shapes world as an imagefolder")
-    shapes.add_argument("--out", required=True, help="output folder (train/ and validation/ are written in it)")
-    shapes.add_argument("--num-images", type=int, default=50_000, help="images in both splits together")
-    shapes.add_argument("--resolution", type=int, default=64)
-    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument(
+        "--out", type=output_folder, required=True, help="output folder (train/ and validation/ are written in it)"
+    )
+    shapes.add_argument("--num-images", type=integer(1), default=50_000, help="images in both splits together")
+    shapes.add_argument("--resolution", type=integer(8, 4096), default=64)
+    shapes.add_argument("--seed", type=integer(0, MAX_SEED), default=0)
     shapes.add_argument("--val-fraction", type=float, default=0.1)
-    shapes.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
+    shapes.add_argument("--workers", type=integer(1), default=None, help="worker processes (default: all cores)")
     add_format_args(shapes)
     shapes.set_defaults(func=_data_shapes)
 
@@ -69,7 +73,9 @@ def _add_data_cli(subparsers: argparse._SubParsersAction) -> None:
     shards.add_argument(
         "--from", dest="source", required=True, help="a folder, data file, save_to_disk folder or hub name"
     )
-    shards.add_argument("--out", required=True, help="output folder: shards go into OUT/train/ and OUT/validation/")
+    shards.add_argument(
+        "--out", type=output_folder, required=True, help="output folder: shards go into OUT/train/ and OUT/validation/"
+    )
     shards.add_argument("--samples-per-shard", type=int, default=10_000, help="at most 10,000 (default: %(default)s)")
     shards.add_argument(
         "--image_column", help='column holding the image (default "image"; "file_name" in metadata.jsonl)'
@@ -81,8 +87,10 @@ def _add_data_cli(subparsers: argparse._SubParsersAction) -> None:
         default=0.0,
         help="rows held out for OUT/validation/ when the data has no validation split (default: %(default)s)",
     )
-    shards.add_argument("--seed", type=int, default=0, help="order of the rows in the shards (default: %(default)s)")
-    shards.add_argument("--workers", type=int, default=4, help="shards written at once (default: %(default)s)")
+    shards.add_argument(
+        "--seed", type=integer(0, MAX_SEED), default=0, help="order of the rows in the shards (default: %(default)s)"
+    )
+    shards.add_argument("--workers", type=integer(1), default=4, help="shards written at once (default: %(default)s)")
     shards.set_defaults(func=_data_shards)
 
     from corpora import emoji
@@ -141,7 +149,7 @@ def _add_generate_cli(subparsers: argparse._SubParsersAction) -> None:
     assemble.add_argument("--vqvae", required=True, help="the tokenizer folder")
     assemble.add_argument("--contrastive", required=True, help="the contrastive model folder")
     assemble.add_argument("--prior", required=True, help="the prior folder")
-    assemble.add_argument("--out", required=True, help="the pipeline folder to write")
+    assemble.add_argument("--out", type=output_folder, required=True, help="the pipeline folder to write")
     assemble.add_argument("--dtype", choices=STORAGE_DTYPES, default="float32", help="type the weights are stored in")
     assemble.add_argument(
         "--sampling",
@@ -154,26 +162,28 @@ def _add_generate_cli(subparsers: argparse._SubParsersAction) -> None:
     gen = subparsers.add_parser("generate", help="generate images from text prompts")
     gen.add_argument("prompts", nargs="+", help='one or more prompts, e.g. "a blue ball on grass"')
     gen.add_argument("--model", required=True, help="a pipeline folder (pipeline.json + vqvae/ contrastive/ prior/)")
-    gen.add_argument("-n", "--num-images", type=int, default=4, help="images per prompt")
+    gen.add_argument("-n", "--num-images", type=integer(1, 4096), default=4, help="images per prompt")
     gen.add_argument("--guidance-scale", type=float, help="classifier-free guidance; 1 turns it off")
     gen.add_argument("--temperature", type=float)
-    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-k", type=integer(1))
     gen.add_argument("--top-p", type=float)
-    gen.add_argument("--num-candidates", type=int, help="sample this many per image, keep the best")
+    gen.add_argument("--num-candidates", type=integer(1, 4096), help="sample this many per image, keep the best")
     gen.add_argument(
         "--rerank", help="how the best candidate is chosen: contrastive, contrastive+likelihood or contrastive-null"
     )
     gen.add_argument("--image", help="complete this image: keep its top rows, draw the rest for each prompt")
-    gen.add_argument("--keep-rows", type=int, help="with --image: rows of codes kept (default: half)")
+    gen.add_argument("--keep-rows", type=integer(1), help="with --image: rows of codes kept (default: half)")
     gen.epilog = 'Sampling flags left out take the model\'s defaults (the "sampling" entry of its pipeline.json).'
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--device", default="cpu")
-    gen.add_argument("--out", default="generated.png", help="PNG grid: one row per prompt")
+    gen.add_argument("--seed", type=integer(0, MAX_SEED), default=0)
+    gen.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:N or mps")
+    gen.add_argument(
+        "--out", type=output_file(image=True), default="generated.png", help="PNG grid: one row per prompt"
+    )
     gen.set_defaults(func=_generate)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vqclip", description=__doc__.splitlines()[0])
+    parser = Parser(prog="vqclip", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_data_cli(subparsers)
     _add_generate_cli(subparsers)
@@ -193,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, ModelLoadError) as err:
+    except (ValueError, OSError, ModelLoadError) as err:  # OSError: a disk that is full, a file that went away
         print(f"vqclip {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

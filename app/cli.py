@@ -2,26 +2,49 @@
 
 Each subcommand is a module of `app/` (the corpora's, of `corpora/`) exposing `add_cli(subparsers)`, which
 adds its parser and sets `func`. Errors the user can fix (bad arguments, missing files) print one line and exit
-with status 2; no traceback. Arguments are checked as they are parsed (`common.arguments`), so that an output
+with status 2; no traceback. Arguments are checked as they are parsed (`common.cli`), so that an output
 that cannot be written or a device that does not exist stops a command before its work, not after.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.arguments import MAX_SEED, Parser, device, integer, output_file, output_folder
+from common.cli import MAX_SEED, ArgumentParser, add_device_arg, integer, output_file, output_folder
 from common.data.load import add_format_args
-from common.hub import STORAGE_DTYPES, ModelLoadError, storage_dtype
+from common.hub import STORAGE_DTYPES, storage_dtype
+
+# The module whose `add_cli` defines each subcommand. Only the module of the command that runs is imported, so
+# that `vqclip data shapes` or `vqclip search --help` does not wait for every stage's imports.
+COMMANDS = {
+    "data": "app.cli",
+    "assemble": "app.cli",
+    "generate": "app.cli",
+    "judge": "corpora.shapes_judge",
+    "reconstruct": "app.reconstruct",
+    "index": "app.search",
+    "search": "app.search",
+    "eval": "app.evaluate",
+    "demo": "app.demo",
+    "serve": "app.serve",
+}
 
 
 def _data_shapes(args: argparse.Namespace) -> None:
     from common.data.load import build_corpus
     from corpora import shapes
+
+    if args.reuse:
+        if args.format != "folder":
+            raise ValueError("--reuse works with --format folder")
+        if shapes.built_as(args.out, args.num_images, args.resolution, args.seed, args.val_fraction):
+            print(f"{args.out} already holds this shapes world ({args.num_images} images, seed {args.seed}); kept")
+            return
 
     def build(folder: Path) -> dict[str, int]:
         return shapes.build(
@@ -53,6 +76,7 @@ def _data_shards(args: argparse.Namespace) -> None:
 
 
 def _add_data_cli(subparsers: argparse._SubParsersAction) -> None:
+
     data = subparsers.add_parser("data", help="build the built-in corpora")
     kinds = data.add_subparsers(dest="kind", required=True)
     shapes = kinds.add_parser("shapes", help="render the synthetic shapes world as an imagefolder")
@@ -64,6 +88,11 @@ def _add_data_cli(subparsers: argparse._SubParsersAction) -> None:
     shapes.add_argument("--seed", type=integer(0, MAX_SEED), default=0)
     shapes.add_argument("--val-fraction", type=float, default=0.1)
     shapes.add_argument("--workers", type=integer(1), default=None, help="worker processes (default: all cores)")
+    shapes.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep OUT if it holds the world these settings build; stop if it holds one built otherwise",
+    )
     add_format_args(shapes)
     shapes.set_defaults(func=_data_shapes)
 
@@ -145,6 +174,7 @@ def _assemble(args: argparse.Namespace) -> None:
 
 
 def _add_generate_cli(subparsers: argparse._SubParsersAction) -> None:
+
     assemble = subparsers.add_parser("assemble", help="join three trained stages into one pipeline folder")
     assemble.add_argument("--vqvae", required=True, help="the tokenizer folder")
     assemble.add_argument("--contrastive", required=True, help="the contrastive model folder")
@@ -175,35 +205,36 @@ def _add_generate_cli(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--keep-rows", type=integer(1), help="with --image: rows of codes kept (default: half)")
     gen.epilog = 'Sampling flags left out take the model\'s defaults (the "sampling" entry of its pipeline.json).'
     gen.add_argument("--seed", type=integer(0, MAX_SEED), default=0)
-    gen.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:N or mps")
+    add_device_arg(gen)
     gen.add_argument(
         "--out", type=output_file(image=True), default="generated.png", help="PNG grid: one row per prompt"
     )
     gen.set_defaults(func=_generate)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="vqclip", description=__doc__.splitlines()[0])
-    subparsers = parser.add_subparsers(dest="command", required=True)
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add `data`, `assemble` and `generate`."""
     _add_data_cli(subparsers)
     _add_generate_cli(subparsers)
 
-    from app import demo, evaluate, reconstruct, search
-    from corpora import shapes_judge
 
-    shapes_judge.add_cli(subparsers)
-    reconstruct.add_cli(subparsers)
-    search.add_cli(subparsers)
-    evaluate.add_cli(subparsers)
-    demo.add_cli(subparsers)
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The `vqclip` parser with the subcommand that `argv` names, or with all of them when it names none."""
+    parser = ArgumentParser(prog="vqclip", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    named = next((arg for arg in argv if not arg.startswith("-")), None)
+    modules = [COMMANDS[named]] if named in COMMANDS else dict.fromkeys(COMMANDS.values())
+    for module in modules:
+        importlib.import_module(module).add_cli(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, OSError, ModelLoadError) as err:  # OSError: a disk that is full, a file that went away
+    except (ValueError, OSError) as err:  # a ModelLoadError is a ValueError; OSError: a full disk, a lost file
         print(f"vqclip {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

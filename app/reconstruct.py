@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from common.arguments import output_folder
+from common.cli import output_folder
 from common.data import image_pixels
 from common.grid import make_grid, to_pil
 from common.metrics import psnr

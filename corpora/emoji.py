@@ -506,7 +506,7 @@ def _cli(args: argparse.Namespace) -> None:
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add `emoji` to the subcommands of `vqclip data`."""
     parser = subparsers.add_parser("emoji", help="render emoji in several art styles as an imagefolder")
-    from common.arguments import output_folder
+    from common.cli import output_folder
 
     parser.add_argument(
         "--out", type=output_folder, required=True, help="output folder (train/ and validation/ go in it)"

@@ -16,7 +16,7 @@ from PIL import Image
 
 from app import cli
 from app import search as search_cli
-from common.arguments import Parser
+from common.cli import ArgumentParser
 from common.config import Config
 from common.data import DataConfig, Reason, load_image_text
 from common.hub import ModelLoadError, PretrainedModel
@@ -294,9 +294,9 @@ def test_an_index_refuses_another_model(model, images, tmp_path):
 
 def _run_cli(monkeypatch, argv: list[str]) -> int:
     """`app.cli.main(argv)` with the search commands registered and the stub as the contrastive model."""
-    parser = Parser(prog="vqclip")
+    parser = ArgumentParser(prog="vqclip")
     search_cli.add_cli(parser.add_subparsers(dest="command", required=True))
-    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(cli, "build_parser", lambda argv: parser)
     monkeypatch.setitem(sys.modules, "contrastive.model", types.SimpleNamespace(ContrastiveModel=StubModel))
     try:
         return cli.main(argv)

@@ -97,14 +97,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
-    """Scale the shorter side to `resolution` (Lanczos) and keep the central `resolution` square."""
+def resize_center_crop(
+    image: Image.Image, resolution: int, resample: Image.Resampling = Image.Resampling.LANCZOS
+) -> Image.Image:
+    """Scale the shorter side to `resolution` (Lanczos unless `resample` says otherwise) and keep the central
+    `resolution` square."""
     width, height = image.size
     if (width, height) == (resolution, resolution):
         return image
     side = min(width, height)
     box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
-    return image.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box)
+    return image.resize((resolution, resolution), resample, box=box)
 
 
 def to_array(image: Image.Image, resolution: int) -> np.ndarray:

@@ -1,28 +1,61 @@
-"""Command-line arguments checked when they are parsed, before any work starts.
+"""What every command-line parser of vqclip shares: `--help` shows each option's default, an error is one line
+(exit status 2), and arguments are checked as they are parsed, before any work starts.
 
-Each function here is an argparse `type=`: a bad value stops the command at once, and the error names the flag
-("argument --out: ..."). `Parser` prints that error as one line, with exit status 2.
+Each check is an argparse `type=`, so the error names the flag ("argument --out: ..."):
 
     parser.add_argument("--out", type=output_file(image=True), default="generated.png")
-    parser.add_argument("--device", type=device, default="cpu")
     parser.add_argument("--seed", type=integer(0, MAX_SEED), default=0)
+    add_device_arg(parser)  # --device, checked to exist on this machine
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 from collections.abc import Callable
 from pathlib import Path
 
-MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's ArgumentDefaultsHelpFormatter, without "(default: None)" (an option left out), without the
+    default of a switch, and without a second default where the help already names one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if not _shows_default(action) or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and action.option_strings and _shows_default(action):  # else argparse shows nothing
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
 
 
-class Parser(argparse.ArgumentParser):
-    """An ArgumentParser (and, through `add_subparsers`, its subcommands) whose errors are one line."""
+def _shows_default(action: argparse.Action) -> bool:
+    default = action.default
+    return default is not None and default is not argparse.SUPPRESS and not isinstance(default, bool)
+
+
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    """`--device`: where a command's models run."""
+    parser.add_argument("--device", type=device, default="cpu", help="where the models run: cpu, cuda, cuda:1, mps")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose --help shows defaults and whose errors are one line; its subcommands' parsers
+    (`add_subparsers`) are too."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
 
 
 def integer(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -90,6 +123,8 @@ def output_file(image: bool = False) -> Callable[[str], Path]:
 
 def device(text: str) -> str:
     """A torch device that exists on this machine: cpu, cuda, cuda:N or mps."""
+    if text == "cpu":  # the default: no need to import torch to know it
+        return text
     import torch
 
     try:

@@ -8,18 +8,39 @@ with status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.data.load import add_format_args
-from common.hub import STORAGE_DTYPES, ModelLoadError, storage_dtype
+from common.cli import ArgumentParser, add_device_arg
+
+# The module whose `add_cli` defines each subcommand. Only the module of the command that runs is imported, so
+# that `vqclip data shapes` or `vqclip search --help` does not wait for every stage's imports.
+COMMANDS = {
+    "data": "app.cli",
+    "assemble": "app.cli",
+    "generate": "app.cli",
+    "judge": "corpora.shapes_judge",
+    "reconstruct": "app.reconstruct",
+    "index": "app.search",
+    "search": "app.search",
+    "eval": "app.evaluate",
+    "demo": "app.demo",
+}
 
 
 def _data_shapes(args: argparse.Namespace) -> None:
     from common.data.load import build_corpus
     from corpora import shapes
+
+    if args.reuse:
+        if args.format != "folder":
+            raise ValueError("--reuse works with --format folder")
+        if shapes.built_as(args.out, args.num_images, args.resolution, args.seed, args.val_fraction):
+            print(f"{args.out} already holds this shapes world ({args.num_images} images, seed {args.seed}); kept")
+            return
 
     def build(folder: Path) -> dict[str, int]:
         return shapes.build(
@@ -51,6 +72,8 @@ def _data_shards(args: argparse.Namespace) -> None:
 
 
 def _add_data_cli(subparsers: argparse._SubParsersAction) -> None:
+    from common.data.load import add_format_args
+
     data = subparsers.add_parser("data", help="build the built-in corpora")
     kinds = data.add_subparsers(dest="kind", required=True)
     shapes = kinds.add_parser("shapes", help="render the synthetic shapes world as an imagefolder")
@@ -60,6 +83,11 @@ def _add_data_cli(subparsers: argparse._SubParsersAction) -> None:
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--val-fraction", type=float, default=0.1)
     shapes.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
+    shapes.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep OUT if it holds the world these settings build; stop if it holds one built otherwise",
+    )
     add_format_args(shapes)
     shapes.set_defaults(func=_data_shapes)
 
@@ -177,6 +205,7 @@ def _edit(args: argparse.Namespace) -> None:
 
 
 def _assemble(args: argparse.Namespace) -> None:
+    from common.hub import storage_dtype
     from pipelines.text_to_image import TextToImagePipeline, check_sampling
 
     pipe = TextToImagePipeline.from_stages(args.vqvae, args.contrastive, args.prior)
@@ -188,6 +217,8 @@ def _assemble(args: argparse.Namespace) -> None:
 
 
 def _add_generate_cli(subparsers: argparse._SubParsersAction) -> None:
+    from common.hub import STORAGE_DTYPES
+
     assemble = subparsers.add_parser("assemble", help="join three trained stages into one pipeline folder")
     assemble.add_argument("--vqvae", required=True, help="the tokenizer folder")
     assemble.add_argument("--contrastive", required=True, help="the contrastive model folder")
@@ -235,31 +266,32 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.epilog = 'Sampling flags left out take the model\'s defaults (the "sampling" entry of its pipeline.json).'
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    add_device_arg(parser)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vqclip", description=__doc__.splitlines()[0])
-    subparsers = parser.add_subparsers(dest="command", required=True)
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add `data`, `assemble` and `generate`."""
     _add_data_cli(subparsers)
     _add_generate_cli(subparsers)
 
-    from app import demo, evaluate, reconstruct, search
-    from corpora import shapes_judge
 
-    shapes_judge.add_cli(subparsers)
-    reconstruct.add_cli(subparsers)
-    search.add_cli(subparsers)
-    evaluate.add_cli(subparsers)
-    demo.add_cli(subparsers)
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The `vqclip` parser with the subcommand that `argv` names, or with all of them when it names none."""
+    parser = ArgumentParser(prog="vqclip", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    named = next((arg for arg in argv if not arg.startswith("-")), None)
+    modules = [COMMANDS[named]] if named in COMMANDS else dict.fromkeys(COMMANDS.values())
+    for module in modules:
+        importlib.import_module(module).add_cli(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, ModelLoadError) as err:
+    except (ValueError, FileNotFoundError) as err:  # a ModelLoadError is a ValueError
         print(f"vqclip {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

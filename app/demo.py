@@ -29,6 +29,11 @@ PROMPTS = (
 SEARCH_QUERY = "a red ball"
 
 
+def verdict_label(prompt: str, missing: tuple[str, ...]) -> str:
+    """A picture's label: "ok: PROMPT", or "NO, wrong color+shape: PROMPT" naming what the judge did not see."""
+    return f"NO, wrong {'+'.join(missing)}: {prompt}" if missing else f"ok: {prompt}"
+
+
 def generate(pipe, judge, prompts: list[str], num_images: int, num_candidates: int, seed: int, out: Path) -> dict:
     """Generate and judge `num_images` pictures per prompt; save the labelled grid."""
     result = pipe(
@@ -39,7 +44,7 @@ def generate(pipe, judge, prompts: list[str], num_images: int, num_candidates: i
         show_progress=False,
     )
     verdict = judge.score(result.prompts, result.images)
-    labels = [f"{'ok' if ok else 'NO'}: {p}" for ok, p in zip(verdict.matches, result.prompts, strict=True)]
+    labels = [verdict_label(prompt, missing) for prompt, missing in zip(result.prompts, verdict.missing, strict=True)]
     make_grid(result.images, labels, columns=num_images).save(out / "generated.png")
     per_prompt = {
         p: sum(verdict.matches[i * num_images : (i + 1) * num_images]) / num_images for i, p in enumerate(prompts)

@@ -18,6 +18,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from common.cli import add_device_arg
 from contrastive.index import ImageIndex, SearchHit
 from pipelines.image_search import ImageSearchPipeline
 
@@ -32,14 +33,14 @@ def _add_images(index: ImageIndex, args: argparse.Namespace) -> None:
 def _build(args: argparse.Namespace) -> None:
     from contrastive.model import ContrastiveModel
 
-    model = ContrastiveModel.from_pretrained(args.model)
+    model = ContrastiveModel.from_pretrained(args.model, device=args.device)
     index = ImageIndex.empty(model, model_dir=args.model, fp16=args.fp16)
     _add_images(index, args)
     print(f"wrote {index.save(args.out)}")
 
 
 def _add(args: argparse.Namespace) -> None:
-    index = ImageSearchPipeline.from_pretrained(args.model, args.index).index
+    index = ImageSearchPipeline.from_pretrained(args.model, args.index, device=args.device).index
     _add_images(index, args)
     print(f"wrote {index.save(args.index)}")
 
@@ -58,7 +59,7 @@ def format_hits(hits: Sequence[SearchHit]) -> str:
 def _search(args: argparse.Namespace) -> None:
     if (args.query is None) == (args.image is None):
         raise ValueError('give either a text query ("a blue ball on grass") or --image QUERY.png')
-    pipe = ImageSearchPipeline.from_pretrained(args.model, args.index)
+    pipe = ImageSearchPipeline.from_pretrained(args.model, args.index, device=args.device)
     hits = pipe(args.query if args.image is None else Path(args.image), k=args.k)
     print(format_hits(hits))
     if args.grid:
@@ -75,6 +76,7 @@ def _image_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=64, help="images encoded at once")
     parser.add_argument("--caption-column", default="text", help="caption column of metadata.jsonl or the dataset")
+    add_device_arg(parser)
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -99,4 +101,5 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     search.add_argument("--model", help="the model folder (default: the one the index was built with)")
     search.add_argument("-k", type=int, default=8, help="number of results")
     search.add_argument("--grid", help="also write a contact sheet of the results to this PNG")
+    add_device_arg(search)
     search.set_defaults(func=_search)

@@ -42,7 +42,14 @@ from tqdm.auto import tqdm
 
 from common.data import SkipReport, add_data_args
 from common.data.streams import StreamData, seeded_generator
-from common.hub import STORAGE_DTYPES, PretrainedModel, atomic_write_text, save_state_dict, storage_dtype
+from common.hub import (
+    STORAGE_DTYPES,
+    PretrainedModel,
+    atomic_write_text,
+    respect_umask,
+    save_state_dict,
+    storage_dtype,
+)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 SHARED_OUTPUT = "with several machines, --output_dir must be on a filesystem that all of them share"
@@ -504,6 +511,7 @@ class Trainer:
                     os.fsync(handle.fileno())
             if final.exists():
                 shutil.rmtree(final)
+            respect_umask(tmp)
             os.replace(tmp, final)
             for old in list_checkpoints(self.output_dir)[: -self.settings.checkpoints_total_limit]:
                 shutil.rmtree(old)

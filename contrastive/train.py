@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 
+from common.cli import ArgumentParser
 from common.data import DataConfig, collate, load_image_text
 from common.training import Trainer, TrainerHooks, TrainingConfig, add_training_args, run_script, write_eval
 from contrastive.evaluate import caption_key, retrieval_metrics
@@ -35,7 +36,7 @@ SIDE_WORDS = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="contrastive.train", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="contrastive.train", description=__doc__.splitlines()[0])
     model = parser.add_argument_group("model")
     model.add_argument("--preset", choices=sorted(PRESETS), default="small", help="named model config")
     model.add_argument("--model_config", help="JSON object of config fields overriding the preset")

@@ -5,8 +5,9 @@
 
 A pipeline folder holds `pipeline.json` and one subfolder per stage (`vqvae/`, `contrastive/`, `prior/`);
 `pipeline.json` names the subfolders and records each stage's `save_id`, so a folder whose stages come from
-different saves is refused. Subfolder names must be plain names inside the pipeline folder. It also holds
-the model's default sampling settings (`"sampling"`), which calls that leave an argument out use.
+different saves is refused. Subfolder names must be plain names, and a subfolder (or a file in it) that is a
+symlink must stay inside the pipeline folder. It also holds the model's default sampling settings
+(`"sampling"`), which calls that leave an argument out use. Any other key is refused.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 
 from common.data import image_pixels
 from common.grid import to_pil, to_uint8
-from common.hub import CONFIG_NAME, ModelLoadError, atomic_write_text, read_json
+from common.hub import CONFIG_NAME, ModelLoadError, atomic_write_text, inside, read_json
 from contrastive.model import ContrastiveModel
 from pipelines.editing import BLEND_EDGE, MaskInput, code_cells, edit_picture, edit_region, soft_edge
 from prior.model import Prior, check_sampling_args
@@ -35,6 +36,8 @@ from vqvae.model import VQVAE
 PIPELINE_NAME = "pipeline.json"
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "shapes-demo"  # the released shapes-world model
 STAGES = {"vqvae": VQVAE, "contrastive": ContrastiveModel, "prior": Prior}
+PIPELINE_KEYS = {"stages", "sampling"}  # what pipeline.json holds, and what each of its stages does:
+STAGE_KEYS = {"folder", "save_id"}
 OUTPUT_TYPES = ("pil", "np", "pt")
 ImageInput = Image.Image | str | os.PathLike  # a picture to complete: a PIL image or the path to one
 SAMPLING_DEFAULTS = {
@@ -212,7 +215,14 @@ def _stage_dir(root: Path, name: str) -> Path:
         or name in (".", "..")
     ):
         raise ModelLoadError(f"{root / PIPELINE_NAME}: stage folder {name!r} must be a plain folder name")
+    inside(root, root / name)
     return root / name
+
+
+def _check_keys(found: dict, known: set[str], where: str) -> None:
+    unknown = sorted(set(found) - known, key=str)
+    if unknown:
+        raise ModelLoadError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
 
 
 class TextToImagePipeline:
@@ -238,9 +248,10 @@ class TextToImagePipeline:
     def from_pretrained(cls, path: str | os.PathLike) -> TextToImagePipeline:
         """From a pipeline folder (`pipeline.json` + one subfolder per stage)."""
         root = Path(path)
-        spec = read_json(root / PIPELINE_NAME)
+        spec = read_json(inside(root, root / PIPELINE_NAME))
         if not isinstance(spec, dict) or not isinstance(spec.get("stages"), dict):
             raise ModelLoadError(f'{root / PIPELINE_NAME}: expected {{"stages": {{...}}}}')
+        _check_keys(spec, PIPELINE_KEYS, str(root / PIPELINE_NAME))
         stages = spec["stages"]
         if set(stages) != set(STAGES):
             raise ModelLoadError(
@@ -251,6 +262,7 @@ class TextToImagePipeline:
             entry = stages[name]
             if not isinstance(entry, dict):
                 raise ModelLoadError(f"{root / PIPELINE_NAME}: stage {name!r} must be an object")
+            _check_keys(entry, STAGE_KEYS, f"{root / PIPELINE_NAME}: stage {name!r}")
             folder = _stage_dir(root, entry.get("folder"))
             config = read_json(folder / CONFIG_NAME)
             saved = config.get("save_id") if isinstance(config, dict) else None
@@ -315,7 +327,7 @@ class TextToImagePipeline:
         prior draws the rest for the prompt. The kept part comes back as the tokenizer draws it."""
         prompts = clean_prompts(prompt)
         settings = self._settings(guidance_scale, temperature, top_k, top_p, num_candidates, rerank)
-        self._check_call(prompts, num_images_per_prompt, output_type)
+        self._check_call(prompts, num_images_per_prompt, output_type, batch_size, generator)
         kept, redraw = self._kept_rows(image, keep_rows, len(prompts))
         samples = self._draw(
             prompts, num_images_per_prompt, settings, generator, kept, redraw, None, show_progress, batch_size
@@ -359,7 +371,7 @@ class TextToImagePipeline:
         and `out.log_likelihoods` are those the candidates were ranked by."""
         prompts = clean_prompts(prompt)
         settings = self._settings(guidance_scale, temperature, top_k, top_p, num_candidates, rerank)
-        self._check_call(prompts, num_images_per_prompt, output_type)
+        self._check_call(prompts, num_images_per_prompt, output_type, batch_size, generator)
         picture = edit_picture(image)
         resolution = self.vqvae.config.resolution
         region = edit_region(mask, picture.size, resolution).to(self.device)  # (R, R) bool
@@ -380,8 +392,20 @@ class TextToImagePipeline:
         chosen = {name: value for name, value in zip(SAMPLING_DEFAULTS, given, strict=True) if value is not None}
         return Sampling(**check_sampling({**self.sampling, **chosen}, self.prior.config.codebook_size))
 
-    def _check_call(self, prompts: list[str], num_images_per_prompt: int, output_type: str) -> None:
+    def _check_call(
+        self,
+        prompts: list[str],
+        num_images_per_prompt: int,
+        output_type: str,
+        batch_size: int,
+        generator: torch.Generator | None,
+    ) -> None:
         check_count("num_images_per_prompt", num_images_per_prompt)
+        check_count("batch_size", batch_size)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(
+                f"generator must be a torch.Generator (torch.Generator().manual_seed(0)) or None, got {generator!r}"
+            )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         self._warn_if_truncated(prompts)

@@ -140,16 +140,20 @@ def _filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None)
 def check_sampling_args(
     codebook_size: int, temperature: float, top_k: int | None, top_p: float | None, guidance_scale: float
 ) -> None:
-    """Raise ValueError naming the first bad sampling argument."""
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+    """Raise ValueError naming the first bad sampling argument (a boolean is not a number here)."""
+
+    def number(value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    if not (number(temperature) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a positive number, got {temperature}")
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
     if top_k is not None and top_k > codebook_size:
         raise ValueError(f"top_k must be at most the codebook size ({codebook_size}), got {top_k}")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+    if top_p is not None and not (number(top_p) and 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if not (isinstance(guidance_scale, (int, float)) and 0 <= guidance_scale <= MAX_GUIDANCE):
+    if not (number(guidance_scale) and 0 <= guidance_scale <= MAX_GUIDANCE):
         raise ValueError(f"guidance_scale must be a number from 0 to {MAX_GUIDANCE}, got {guidance_scale}")
 
 

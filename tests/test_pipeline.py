@@ -11,6 +11,7 @@ from pipelines.text_to_image import (
     PIPELINE_NAME,
     RERANKERS,
     SAMPLING_DEFAULTS,
+    STAGES,
     TextToImagePipeline,
     best_candidates,
 )
@@ -272,3 +273,77 @@ def test_eval_command_writes_json_and_markdown(pipe, tmp_path, capsys):
     assert "text_to_image_r1" in report["search"]
     assert report["generation"]["prompts"] == 6 and 0 <= report["generation"]["judge_match_all"] <= 1
     assert "## Generation" in (tmp_path / "ev" / "eval.md").read_text()
+
+
+def test_a_stage_folder_symlinked_out_of_the_pipeline_is_refused(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "pipe")
+    (tmp_path / "pipe" / "prior").rename(tmp_path / "elsewhere")
+    (tmp_path / "pipe" / "prior").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ModelLoadError, match=r"pipe/prior leads outside .*pipe \(to .*elsewhere\)"):
+        TextToImagePipeline.from_pretrained(tmp_path / "pipe")
+    (tmp_path / "pipe" / "prior").unlink()  # a link to a folder inside the pipeline folder is fine
+    (tmp_path / "elsewhere").rename(tmp_path / "pipe" / "prior-v2")
+    (tmp_path / "pipe" / "prior").symlink_to("prior-v2")
+    TextToImagePipeline.from_pretrained(tmp_path / "pipe")
+    (tmp_path / "pipe" / PIPELINE_NAME).rename(tmp_path / PIPELINE_NAME)
+    (tmp_path / "pipe" / PIPELINE_NAME).symlink_to(tmp_path / PIPELINE_NAME)
+    with pytest.raises(ModelLoadError, match=rf"{PIPELINE_NAME} leads outside"):
+        TextToImagePipeline.from_pretrained(tmp_path / "pipe")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda spec: spec.update(comment="mine"),
+            "pipeline.json: unknown key 'comment' \\(known: sampling, stages\\)",
+        ),
+        (lambda spec: spec["stages"]["vqvae"].update(path="/etc"), "stage 'vqvae': unknown key 'path'"),
+    ],
+)
+def test_unknown_keys_in_pipeline_json_are_refused(pipe, tmp_path, edit, message):
+    pipe.save_pretrained(tmp_path / "pipe")
+    spec = json.loads((tmp_path / "pipe" / PIPELINE_NAME).read_text())
+    edit(spec)
+    (tmp_path / "pipe" / PIPELINE_NAME).write_text(json.dumps(spec))
+    with pytest.raises(ModelLoadError, match=message):
+        TextToImagePipeline.from_pretrained(tmp_path / "pipe")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"guidance_scale": False}, "guidance_scale"), ({"temperature": True}, "temperature"), ({"top_p": True}, "top_p"),
+     ({"generator": "seed"}, "generator must be a torch.Generator"), ({"generator": 0}, "generator"),
+     *[({"batch_size": bad}, "batch_size must be an integer") for bad in (0, -1, 1.5, "32", None, True)]],
+)  # fmt: skip
+def test_booleans_generators_and_batch_sizes_are_checked(pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pipe("a blue ball", show_progress=False, **kwargs)
+
+
+def test_booleans_in_stored_sampling_settings_are_refused(pipe, tmp_path):
+    with pytest.raises(ValueError, match="guidance_scale"):
+        TextToImagePipeline(pipe.vqvae, pipe.contrastive, pipe.prior, sampling={"guidance_scale": False})
+    from app.cli import main
+
+    for name in STAGES:
+        getattr(pipe, name).save_pretrained(tmp_path / name)
+    folders = [f"--{name}={tmp_path / name}" for name in STAGES]
+    argv = ["assemble", *folders, "--out", str(tmp_path / "p"), "--sampling", '{"temperature": true}']
+    assert main(argv) == 2
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("size", [(0, 0), (1, 1), (64, 4)])
+def test_a_picture_too_small_is_refused_as_its_file_would_be(pipe, tmp_path, size):
+    from PIL import Image
+
+    from common.data import BadImage
+
+    picture = Image.new("RGB", size, "red")
+    with pytest.raises(BadImage, match="too small"):
+        pipe("a ball", image=picture, show_progress=False)
+    if min(size) > 0:
+        picture.save(tmp_path / "small.png")
+        with pytest.raises(BadImage, match="too small"):
+            pipe("a ball", image=tmp_path / "small.png", show_progress=False)

@@ -1,4 +1,5 @@
 import argparse
+import os
 from dataclasses import fields
 
 import pytest
@@ -57,6 +58,21 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(
         trainer.fit()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4"]
     assert all(torch.isfinite(p).all() for p in model.parameters())  # the NaN step never reached the weights
+
+
+def test_checkpoints_get_the_umask_modes(tmp_path):
+    old = os.umask(0o022)
+    try:
+        Trainer(_settings(tmp_path, max_train_steps=2), torch.nn.Linear(4, 1), Rows(), _loss, collate=torch.stack).fit()
+    finally:
+        os.umask(old)
+    checkpoint = list_checkpoints(tmp_path)[-1]
+    modes = {p.stat().st_mode & 0o777 for p in checkpoint.iterdir()}
+    assert checkpoint.stat().st_mode & 0o777 == 0o755 and modes == {0o644}
+
+
+def _loss(model, batch, step):
+    return model(batch).pow(2).mean(), {}
 
 
 def test_data_order_is_the_same_for_one_and_two_processes():

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 
+from common.cli import ArgumentParser
 from common.data import DataConfig, collate, load_image_text
 from common.metrics import psnr
 from common.training import Trainer, TrainerHooks, TrainingConfig, add_training_args, run_script, write_eval
@@ -29,7 +30,7 @@ from vqvae.perceptual import LPIPS, load_lpips
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="vqvae.train", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="vqvae.train", description=__doc__.splitlines()[0])
     model = parser.add_argument_group("model")
     model.add_argument("--preset", choices=sorted(PRESETS), default="f4", help="named model config")
     model.add_argument("--model_config", help="JSON object of config fields overriding the preset")

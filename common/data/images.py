@@ -124,9 +124,13 @@ def to_tensor(pixels: np.ndarray | Image.Image) -> torch.Tensor:
 
 def image_pixels(image: Image.Image | str | os.PathLike, resolution: int) -> torch.Tensor:
     """(3, R, R) in [-1, 1] from a PIL image or the path to one, made RGB, resized and center-cropped as
-    training images are; raises `BadImage` for an unusable file and ValueError for anything else."""
+    training images are; raises `BadImage` for an unusable file or a picture too small to use, and ValueError for
+    anything else."""
     if isinstance(image, (str, os.PathLike)):
         image = load_image(image)
     if not isinstance(image, Image.Image):
         raise ValueError(f"image must be a PIL image or the path to one, got {type(image).__name__}")
+    if min(image.size) < MIN_IMAGE_SIDE:  # as a file of that size is
+        width, height = image.size
+        raise BadImage(Reason.IMAGE_TOO_SMALL, f"{width}x{height} has a side under {MIN_IMAGE_SIDE}")
     return to_tensor(resize_center_crop(to_rgb(image), resolution))

@@ -20,6 +20,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -83,9 +84,15 @@ def main() -> None:
                "--port", str(port), "--queue-size", str(args.queue_size), "--device", args.device]  # fmt: skip
     command += ["--model", args.model] if args.model else []
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False"}
-    server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tempfile.TemporaryFile()  # the server's output, shown if it fails to start
+    server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        _wait_until_up(url, server, seconds=300)
+        try:
+            _wait_until_up(url, server, seconds=300)
+        except RuntimeError:
+            log.seek(0)
+            sys.stderr.write(log.read().decode(errors="replace")[-4000:])
+            raise
         request = ("a blue ball on grass", args.pictures, 1.0, 0.7, 0, 1.0, args.candidates, "contrastive", 0)
         warm = Client(url, verbose=False)
         warm.predict(*request, api_name="/generate")

@@ -109,6 +109,50 @@ def test_search_by_text_and_by_picture(server):
     assert float(by_picture[0]["caption"].split(" · ")[0]) == pytest.approx(1.0, abs=1e-3)  # itself
 
 
+def _editor(background, layer=None) -> dict:
+    return {"background": handle_file(str(background)), "layers": [handle_file(str(layer))] if layer else [],
+            "composite": None}  # fmt: skip
+
+
+def test_edit_with_a_box_or_a_painted_region_gives_the_python_api_edits(server, tmp_path):
+    pipe, _, client, world = server
+    picture = tmp_path / "picture.png"
+    shutil.copy(sorted((world / "shapes" / "train").glob("*.png"))[0], picture)
+    layer = np.zeros((64, 64, 4), np.uint8)
+    layer[40:, 8:30] = (255, 0, 255, 255)  # painted strokes: opaque where drawn, transparent elsewhere
+    Image.fromarray(layer).save(tmp_path / "layer.png")
+    settings = dict(num_images_per_prompt=2, guidance_scale=2.0, temperature=0.9, top_k=10, top_p=0.95,
+                    num_candidates=2, rerank="contrastive+likelihood", show_progress=False)  # fmt: skip
+    for editor, box, region in [
+        (_editor(picture), (0, 32, 64, 64), (0, 32, 64, 64)),
+        (_editor(picture, tmp_path / "layer.png"), (0, 0, 0, 0), layer[..., 3] > 0),
+    ]:
+        shown, status = client.predict(editor, "a red star", *REQUEST[1:], *box, api_name="/edit")
+        expected = pipe.edit(Image.open(picture), region, "a red star", generator=torch.Generator().manual_seed(7),
+                             **settings)  # fmt: skip
+        assert len(shown) == 3 and shown[0]["caption"] == "the picture" and "seed **7**" in status
+        assert np.array_equal(_pixels(shown[0]["image"]), _pixels(picture))
+        for edited, image in zip(shown[1:], expected.images, strict=True):
+            assert np.array_equal(_pixels(edited["image"]), np.asarray(image))
+
+
+def test_bad_edit_requests_get_a_message(server, bad_files, tmp_path):
+    _, _, client, world = server
+    picture = tmp_path / "picture.png"
+    shutil.copy(sorted((world / "shapes" / "train").glob("*.png"))[0], picture)
+    cases = [
+        (None, (0, 0, 0, 0), "upload a picture to edit first"),
+        (_editor(picture), (0, 0, 0, 0), "paint the region to redraw, or give a box"),
+        (_editor(picture), (0, 0, 100, 64), "reaches outside the 64x64 picture"),
+        (_editor(picture), (0, 0, 1e9, 64), "the box's right must be a number from 0 to 4096"),
+        (_editor(bad_files / "huge.png"), (0, 0, 8, 8), "no usable picture \\(image too large\\)"),
+        (_editor(picture, bad_files / "notes.png"), (0, 0, 8, 8), "the painted region is not a picture"),
+    ]
+    for editor, box, message in cases:
+        with pytest.raises(AppError, match=message):
+            client.predict(editor, "a red star", *REQUEST[1:], *box, api_name="/edit")
+
+
 @pytest.fixture(scope="module")
 def bad_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bad")

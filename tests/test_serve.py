@@ -316,6 +316,8 @@ def browse(url: str, prompt: str, pictures: int, screenshot, user_data_dir) -> i
         count.send_keys(str(pictures), Keys.TAB)
         driver.find_element(By.CSS_SELECTOR, "#generate").click()
         wait.until(lambda d: "pictures in" in d.find_element(By.ID, "status").text)
+        loaded = "return [...document.querySelectorAll('#gallery img')].every(i => i.complete && i.naturalWidth > 0)"
+        wait.until(lambda d: d.execute_script(loaded))  # every picture has arrived and is drawn
         shown = len(driver.find_elements(By.CSS_SELECTOR, "#gallery img"))
         driver.save_screenshot(str(screenshot))
         return shown

@@ -57,9 +57,9 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def slow_server(tmp_path_factory):
-    """A server whose model takes about 10 ms a drawing step and whose queue holds one request."""
+    """A server whose model takes over 30 ms a drawing step (15 s for BIG) and whose queue holds one request."""
     pipe = _pipe()
-    pipe.prior.blocks[0].register_forward_pre_hook(lambda module, args: time.sleep(0.01))
+    pipe.prior.blocks[0].register_forward_pre_hook(lambda module, args: time.sleep(0.03))
     demo, _ = _start(pipe, tmp_path_factory, queue_size=1)
     yield demo
     demo.close()
@@ -234,7 +234,7 @@ def test_bad_command_line_is_one_line_and_exit_2(tmp_path, capsys):
     assert err.startswith("vqclip serve: error:") and err.count("\n") == 1
 
 
-BIG = ("a blue ball", 16, 1.0, 1.0, 0, 1.0, 16, "contrastive", 0)  # 256 samples: seconds on the slow server
+BIG = ("a blue ball", 16, 1.0, 1.0, 0, 1.0, 16, "contrastive", 0)  # 256 samples: 8 batches of 64 drawing steps
 
 
 def _wait_for(condition, seconds: float = 20.0) -> None:
@@ -245,8 +245,8 @@ def _wait_for(condition, seconds: float = 20.0) -> None:
 
 
 def _stops(worker) -> None:
-    """The model call stops within a second and frees the model."""
-    _wait_for(lambda: not worker.lock.locked(), seconds=1.0)
+    """The model call stops within a few seconds (of the 15 it would take) and frees the model."""
+    _wait_for(lambda: not worker.lock.locked(), seconds=5.0)
     steps = worker.steps
     time.sleep(0.5)
     assert worker.steps == steps
@@ -316,6 +316,8 @@ def browse(url: str, prompt: str, pictures: int, screenshot, user_data_dir) -> i
         count.send_keys(str(pictures), Keys.TAB)
         driver.find_element(By.CSS_SELECTOR, "#generate").click()
         wait.until(lambda d: "pictures in" in d.find_element(By.ID, "status").text)
+        loaded = "return [...document.querySelectorAll('#gallery img')].every(i => i.complete && i.naturalWidth > 0)"
+        wait.until(lambda d: d.execute_script(loaded))  # every picture has arrived and is drawn
         shown = len(driver.find_elements(By.CSS_SELECTOR, "#gallery img"))
         driver.save_screenshot(str(screenshot))
         return shown

@@ -135,6 +135,30 @@ def _add_data_cli(subparsers: argparse._SubParsersAction) -> None:
     emoji.add_cli(kinds)
 
 
+def _sampling_kwargs(args: argparse.Namespace) -> dict:
+    """The sampling flags of `generate` and `edit`, as the pipeline's keyword arguments (None: the model's)."""
+    names = ("guidance_scale", "temperature", "top_k", "top_p", "num_candidates", "rerank")
+    return {name: getattr(args, name) for name in names}
+
+
+def _scored(out) -> list[str]:
+    """Each picture's label: its contrastive score and its prompt."""
+    return [f"{score:.2f} {prompt}" for score, prompt in zip(out.scores.tolist(), out.prompts, strict=True)]
+
+
+def _save_rows(source, source_label: str, out, columns: int, path: str) -> None:
+    """A grid of `out.images` with `columns` per row, each row starting with `source`; labelled with each image's
+    contrastive score and prompt."""
+    from common.grid import make_grid
+
+    scored = _scored(out)
+    images, labels = [], []
+    for row in range(0, len(out.images), columns):
+        images += [source, *out.images[row : row + columns]]
+        labels += [source_label, *scored[row : row + columns]]
+    make_grid(images, labels, columns=columns + 1).save(path)
+
+
 def _generate(args: argparse.Namespace) -> None:
     import torch
 
@@ -148,26 +172,53 @@ def _generate(args: argparse.Namespace) -> None:
     out = pipe(
         args.prompts,
         num_images_per_prompt=args.num_images,
-        guidance_scale=args.guidance_scale,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        num_candidates=args.num_candidates,
-        rerank=args.rerank,
+        **_sampling_kwargs(args),
         generator=generator,
         image=source,
         keep_rows=args.keep_rows,
     )
-    images = list(out.images)
-    labels = [f"{score:.2f} {prompt}" for score, prompt in zip(out.scores.tolist(), out.prompts, strict=True)]
-    columns = args.num_images
     if source is not None:  # each row starts with the image it completes
-        for row in reversed(range(0, len(images), columns)):
-            images.insert(row, source)
-            labels.insert(row, "completes this")
-        columns += 1
-    make_grid(images, labels, columns=columns).save(args.out)
+        _save_rows(source, "completes this", out, args.num_images, args.out)
+    else:
+        make_grid(list(out.images), _scored(out), columns=args.num_images).save(args.out)
     print(f"wrote {len(out.images)} images to {args.out} (labels: contrastive score, prompt)")
+
+
+def _box(text: str) -> tuple[int, ...]:
+    try:
+        box = tuple(int(value) for value in text.split(","))
+    except ValueError:
+        box = ()
+    if len(box) != 4:
+        raise ValueError(f"--box takes left,top,right,bottom in pixels, e.g. 16,16,48,48; got {text!r}")
+    return box
+
+
+def _edit(args: argparse.Namespace) -> None:
+    import torch
+
+    from common.data import load_image, resize_center_crop
+    from pipelines.editing import edit_picture, edit_region, outline
+    from pipelines.text_to_image import TextToImagePipeline
+
+    if (args.box is None) == (args.mask is None):
+        raise ValueError("give the region to redraw with --box or with --mask (one of them)")
+    picture = edit_picture(load_image(args.picture, min_side=1))
+    mask = _box(args.box) if args.box is not None else load_image(args.mask, min_side=1)
+    pipe = TextToImagePipeline.from_pretrained(args.model).to(args.device)
+    resolution = pipe.vqvae.config.resolution
+    shown = outline(resize_center_crop(picture, resolution), edit_region(mask, picture.size, resolution))
+    out = pipe.edit(
+        picture,
+        mask,
+        args.prompts,
+        num_images_per_prompt=args.num_images,
+        **_sampling_kwargs(args),
+        generator=torch.Generator(args.device).manual_seed(args.seed),
+        blend=not args.no_blend,
+    )
+    _save_rows(shown, "redraws the outlined part", out, args.num_images, args.out)
+    print(f"wrote {len(out.images)} edits to {args.out} (labels: contrastive score, prompt)")
 
 
 def _assemble(args: argparse.Namespace) -> None:
@@ -200,24 +251,44 @@ def _add_generate_cli(subparsers: argparse._SubParsersAction) -> None:
     gen = subparsers.add_parser("generate", help="generate images from text prompts")
     gen.add_argument("prompts", nargs="+", help='one or more prompts, e.g. "a blue ball on grass"')
     gen.add_argument("--model", required=True, help="a pipeline folder (pipeline.json + vqvae/ contrastive/ prior/)")
-    gen.add_argument("-n", "--num-images", type=integer(1, 4096), default=4, help="images per prompt")
-    gen.add_argument("--guidance-scale", type=float, help="classifier-free guidance; 1 turns it off")
-    gen.add_argument("--temperature", type=float)
-    gen.add_argument("--top-k", type=integer(1))
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--num-candidates", type=integer(1, 4096), help="sample this many per image, keep the best")
-    gen.add_argument(
-        "--rerank", help="how the best candidate is chosen: contrastive, contrastive+likelihood or contrastive-null"
-    )
+    _add_sampling_args(gen)
     gen.add_argument("--image", help="complete this image: keep its top rows, draw the rest for each prompt")
     gen.add_argument("--keep-rows", type=integer(1), help="with --image: rows of codes kept (default: half)")
-    gen.epilog = 'Sampling flags left out take the model\'s defaults (the "sampling" entry of its pipeline.json).'
-    gen.add_argument("--seed", type=integer(0, MAX_SEED), default=0)
-    add_device_arg(gen)
     gen.add_argument(
         "--out", type=output_file(image=True), default="generated.png", help="PNG grid: one row per prompt"
     )
     gen.set_defaults(func=_generate)
+
+    edit = subparsers.add_parser("edit", help="redraw a region of a picture for text prompts, keep the rest")
+    edit.add_argument("picture", help="the picture to edit")
+    edit.add_argument("prompts", nargs="+", help='one or more prompts, e.g. "a red star on grass"')
+    edit.add_argument("--box", help="the region to redraw: left,top,right,bottom in the picture's pixels")
+    edit.add_argument("--mask", help="the region to redraw: a black-and-white picture of its size, white = redraw")
+    edit.add_argument("--model", required=True, help="a pipeline folder (pipeline.json + vqvae/ contrastive/ prior/)")
+    _add_sampling_args(edit)
+    edit.add_argument("--no-blend", action="store_true", help="the tokenizer's drawing, not pasted into the picture")
+    edit.add_argument(
+        "--out",
+        type=output_file(image=True),
+        default="edits.png",
+        help="PNG grid: one row per prompt, after the outlined input",
+    )
+    edit.set_defaults(func=_edit)
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-n", "--num-images", type=integer(1, 4096), default=4, help="images per prompt")
+    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance; 1 turns it off")
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top-k", type=integer(1))
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--num-candidates", type=integer(1, 4096), help="sample this many per image, keep the best")
+    parser.add_argument(
+        "--rerank", help="how the best candidate is chosen: contrastive, contrastive+likelihood or contrastive-null"
+    )
+    parser.epilog = 'Sampling flags left out take the model\'s defaults (the "sampling" entry of its pipeline.json).'
+    parser.add_argument("--seed", type=integer(0, MAX_SEED), default=0)
+    add_device_arg(parser)
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:

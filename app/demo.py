@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from common.cli import MAX_SEED, integer, output_folder
 from common.grid import make_grid
 
 PROMPTS = (
@@ -27,6 +28,11 @@ PROMPTS = (
     "a white box in front of a brick wall",
 )
 SEARCH_QUERY = "a red ball"
+
+
+def verdict_label(prompt: str, missing: tuple[str, ...]) -> str:
+    """A picture's label: "ok: PROMPT", or "NO, wrong color+shape: PROMPT" naming what the judge did not see."""
+    return f"NO, wrong {'+'.join(missing)}: {prompt}" if missing else f"ok: {prompt}"
 
 
 def generate(pipe, judge, prompts: list[str], num_images: int, num_candidates: int, seed: int, out: Path) -> dict:
@@ -39,7 +45,7 @@ def generate(pipe, judge, prompts: list[str], num_images: int, num_candidates: i
         show_progress=False,
     )
     verdict = judge.score(result.prompts, result.images)
-    labels = [f"{'ok' if ok else 'NO'}: {p}" for ok, p in zip(verdict.matches, result.prompts, strict=True)]
+    labels = [verdict_label(prompt, missing) for prompt, missing in zip(result.prompts, verdict.missing, strict=True)]
     make_grid(result.images, labels, columns=num_images).save(out / "generated.png")
     per_prompt = {
         p: sum(verdict.matches[i * num_images : (i + 1) * num_images]) / num_images for i, p in enumerate(prompts)
@@ -123,9 +129,11 @@ def _demo(args: argparse.Namespace) -> None:
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     demo = subparsers.add_parser("demo", help="the main job: generate with the released model, judge, and search")
     demo.add_argument("--model", help="a pipeline folder (default: the released models/shapes-demo)")
-    demo.add_argument("--out", default="outputs/demo", help="folder for the pictures and demo.json")
-    demo.add_argument("--num-images", type=int, default=4, help="pictures per prompt")
-    demo.add_argument("--num-candidates", type=int, default=4, help="samples per picture; the best is kept")
-    demo.add_argument("--num-world-images", type=int, default=400, help="size of the shapes world to search")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", type=output_folder, default="outputs/demo", help="folder for the pictures and demo.json")
+    demo.add_argument("--num-images", type=integer(1, 4096), default=4, help="pictures per prompt")
+    demo.add_argument(
+        "--num-candidates", type=integer(1, 4096), default=4, help="samples per picture; the best is kept"
+    )
+    demo.add_argument("--num-world-images", type=integer(2), default=400, help="size of the shapes world to search")
+    demo.add_argument("--seed", type=integer(0, MAX_SEED), default=0)
     demo.set_defaults(func=_demo)

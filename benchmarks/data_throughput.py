@@ -18,7 +18,6 @@ Ends with one JSON line.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -34,6 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common.cli import ArgumentParser  # noqa: E402
 from common.data import DataConfig, collate, load_image_text  # noqa: E402
 from common.data.load import build_corpus  # noqa: E402
 from common.data.shards import stats_path  # noqa: E402
@@ -159,7 +159,7 @@ def steps_per_s(world: Path, work: Path, name: str, preset: str, flags: list[str
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="outputs/data_throughput", help="where the worlds and runs go")
     parser.add_argument("--small", type=int, default=2_000)
     parser.add_argument("--large", type=int, default=200_000)

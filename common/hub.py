@@ -81,11 +81,15 @@ def read_json(path: Path, max_bytes: int = MAX_CONFIG_BYTES) -> Any:
     return data
 
 
-def _file_mode() -> int:
-    """The mode a new file gets under the current umask."""
+def respect_umask(path: str | os.PathLike) -> None:
+    """Give `path`, and everything in it if it is a folder, the mode that a new file or folder gets under the
+    current umask. tempfile makes its files 0600 and its folders 0700, and safetensors writes 0600: saved this
+    way, another account (a web server, a colleague) could not read them."""
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    path = Path(path)
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
 
 
 def atomic_write_files(directory: str | os.PathLike, write: Any, last: str = CONFIG_NAME) -> Path:
@@ -100,9 +104,8 @@ def atomic_write_files(directory: str | os.PathLike, write: Any, last: str = CON
     try:
         write(tmp)
         files = sorted(tmp.iterdir(), key=lambda f: f.name == last)
-        mode = _file_mode()
         for f in files:
-            f.chmod(mode)  # safetensors writes 0600; saved models should be as readable as any new file
+            respect_umask(f)
             with open(f, "rb") as handle:
                 os.fsync(handle.fileno())
         for f in files:
@@ -122,6 +125,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        respect_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -294,3 +294,28 @@ def test_a_symlinked_model_folder_loads(tmp_path):
     Tiny(TinyConfig()).save_pretrained(tmp_path / "m")
     (tmp_path / "link").symlink_to(tmp_path / "m")
     assert Tiny.from_pretrained(tmp_path / "link").config == TinyConfig()
+
+
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)
+    yield
+    os.umask(old)
+
+
+def test_saved_files_and_folders_get_the_umask_modes(tmp_path, umask_027):
+    from common.hub import atomic_write_text, respect_umask
+
+    atomic_write_text(tmp_path / "out" / "eval.json", "{}\n")
+    assert (tmp_path / "out" / "eval.json").stat().st_mode & 0o777 == 0o640
+    Tiny(TinyConfig()).save_pretrained(tmp_path / "m")
+    assert {(tmp_path / "m" / name).stat().st_mode & 0o777 for name in (CONFIG_NAME, WEIGHTS_NAME)} == {0o640}
+    import tempfile
+
+    folder = tempfile.mkdtemp(dir=tmp_path)  # 0700, its files 0600
+    os.close(tempfile.mkstemp(dir=folder)[0])
+    respect_umask(folder)
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path.joinpath(folder), *tmp_path.joinpath(folder).iterdir())} == {
+        0o750,
+        0o640,
+    }

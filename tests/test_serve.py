@@ -211,6 +211,13 @@ def test_uploads_are_capped_and_no_server_file_is_readable(server):
     assert outcome["success"] is False and "blocked" in outcome["output"]["error"]
 
 
+def test_no_request_skips_the_queue(server):
+    _, demo, _, _ = server
+    for route in ("run/generate", "api/generate"):
+        answer = httpx.post(f"{demo.local_url}gradio_api/{route}", json={"data": list(REQUEST)})
+        assert answer.status_code == 404 and "join the queue" in answer.text
+
+
 def _completed(url: str, session_hash: str) -> dict:
     with httpx.stream("GET", f"{url}gradio_api/queue/data", params={"session_hash": session_hash}, timeout=30) as s:
         for line in s.iter_lines():

@@ -25,7 +25,9 @@ from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from common.data import BadImage, load_image
 from common.grid import make_grid
@@ -190,6 +192,52 @@ def uploaded_picture(upload: Any) -> Any:
         ) from err
 
 
+def _captions(out: Any) -> list[str]:
+    """Each picture's prompt and scores, for a gallery."""
+    scores, likelihoods = out.scores.tolist(), out.log_likelihoods.tolist()
+    return [
+        f"{prompt} · score {score:.3f} · log-likelihood {ll:.2f}"
+        for prompt, score, ll in zip(out.prompts, scores, likelihoods, strict=True)
+    ]
+
+
+def painted_mask(layers: Any, size: tuple[int, int]) -> np.ndarray | None:
+    """(height, width) bool: where the editor's layers (gradio's file payloads) are painted, at the picture's
+    `size`; None where nothing is painted."""
+    if not isinstance(layers, list):
+        raise _error("the painted region did not arrive; paint it again")
+    painted = np.zeros(size[::-1], bool)
+    for layer in layers:
+        path = layer.get("path") if isinstance(layer, dict) else None
+        if not isinstance(path, str):
+            raise _error("the painted region did not arrive; paint it again")
+        try:
+            with Image.open(path) as drawn:
+                if drawn.width * drawn.height > MAX_UPLOAD_PIXELS:
+                    raise _error("the painted layer is larger than 4096×4096")
+                alpha = drawn.convert("RGBA").getchannel("A")
+        except (OSError, ValueError) as err:
+            raise _error("the painted region is not a picture; paint it again") from err
+        painted |= np.asarray(alpha.resize(size, Image.Resampling.NEAREST)) > 0
+    return painted if painted.any() else None
+
+
+def edit_inputs(editor: Any, box: tuple[Any, Any, Any, Any]) -> tuple[Image.Image, Any]:
+    """The picture and the region to redraw from the Edit tab: the painted region, else the box (left, top,
+    right, bottom in the picture's pixels); raises gr.Error when either is missing or unusable."""
+    if not isinstance(editor, dict) or editor.get("background") is None:
+        raise _error("upload a picture to edit first")
+    picture = uploaded_picture(editor["background"])
+    painted = painted_mask(editor.get("layers") or [], picture.size)
+    if painted is not None:
+        return picture, painted
+    names = ("left", "top", "right", "bottom")
+    numbers = tuple(_real(f"the box's {name}", value, 0, 4096) for name, value in zip(names, box, strict=True))
+    if not any(numbers):
+        raise _error("paint the region to redraw, or give a box")
+    return picture, numbers
+
+
 def build_app(
     pipe: TextToImagePipeline,
     search: ImageSearchPipeline | None,
@@ -197,7 +245,7 @@ def build_app(
     model_name: str = "models/shapes-demo",
     queue_size: int = QUEUE_SIZE,
 ) -> Any:
-    """The gradio app: Generate and Search tabs over one loaded model (`search` None leaves Search out)."""
+    """The gradio app: Generate, Edit and Search tabs over one loaded model (`search` None leaves Search out)."""
     import gradio as gr
 
     worker = ModelWorker()
@@ -220,12 +268,8 @@ def build_app(
             out = yield from worker.run(call, progress, (gr.skip(), gr.skip(), gr.skip()))
         except ValueError as err:
             raise _error(str(err)) from err
-        scores, likelihoods = out.scores.tolist(), out.log_likelihoods.tolist()
-        captions = [
-            f"{prompt} · score {score:.3f} · log-likelihood {ll:.2f}"
-            for prompt, score, ll in zip(out.prompts, scores, likelihoods, strict=True)
-        ]
-        grid_labels = [f"{score:.2f} {prompt}" for prompt, score in zip(out.prompts, scores, strict=True)]
+        captions = _captions(out)
+        grid_labels = [f"{score:.2f} {prompt}" for prompt, score in zip(out.prompts, out.scores.tolist(), strict=True)]
         grid = make_grid(out.images, grid_labels, columns=settings["num_images_per_prompt"], cell=CELL)
         seconds = time.perf_counter() - start
         status = (
@@ -233,6 +277,25 @@ def build_app(
             f"command line:\n\n```\n{command_line({**settings, 'seed': seed}, model_name)}\n```"
         )
         yield list(zip(out.images, captions, strict=True)), grid, status
+
+    def edit(editor, prompts, num_images, guidance_scale, temperature, top_k, top_p, num_candidates, rerank, seed,
+             left, top, right, bottom, progress=tracker):  # fmt: skip
+        settings = generation_settings(
+            pipe, prompts, num_images, guidance_scale, temperature, top_k, top_p, num_candidates, rerank, seed
+        )
+        seed = settings.pop("seed")
+        picture, region = edit_inputs(editor, (left, top, right, bottom))
+
+        def call(on_step):
+            generator = torch.Generator(pipe.device).manual_seed(seed)
+            return pipe.edit(picture, region, **settings, generator=generator, show_progress=False, callback=on_step)
+
+        try:
+            out = yield from worker.run(call, progress, (gr.skip(), gr.skip()))
+        except ValueError as err:
+            raise _error(str(err)) from err
+        shown = [(picture, "the picture"), *zip(out.images, _captions(out), strict=True)]
+        yield shown, f"{len(out.images)} edits with seed **{seed}**; the first picture is the input"
 
     def find(query, upload, k):
         k = _whole("number of results", k, 1, MAX_RESULTS)
@@ -283,6 +346,31 @@ def build_app(
                 [prompts, num_images, guidance, temperature, top_k, top_p, candidates, rerank, seed],
                 [gallery, grid, status],
                 api_name="generate", concurrency_id="model", concurrency_limit=1,
+            )  # fmt: skip
+        with gr.Tab("Edit"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    editor = gr.ImageMask(
+                        label="the picture: paint the region to redraw", sources=["upload"], type="filepath",
+                        layers=False, brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"),
+                    )  # fmt: skip
+                    with gr.Row():
+                        box = [gr.Number(0, minimum=0, label=f"or a box: {name}") for name in ("left", "top")]
+                        box += [gr.Number(0, minimum=0, label=name) for name in ("right", "bottom")]
+                    edit_prompts = gr.Textbox(label="prompts (one a line)", value="a red star on grass", lines=2)
+                    edit_count = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="edits per prompt")
+                    edit_seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="seed")
+                    gr.Markdown("Sampling settings: those of the Generate tab.")
+                    edit_button = gr.Button("Edit", variant="primary", elem_id="edit")
+                with gr.Column(scale=2):
+                    edits = gr.Gallery(label="the picture and its edits", columns=4, format="png", preview=False)
+                    edit_status = gr.Markdown()
+            edit_button.click(
+                edit,
+                [editor, edit_prompts, edit_count, guidance, temperature, top_k, top_p, candidates, rerank, edit_seed,
+                 *box],
+                [edits, edit_status],
+                api_name="edit", preprocess=False, concurrency_id="model", concurrency_limit=1,
             )  # fmt: skip
         if search is not None:
             with gr.Tab("Search"):

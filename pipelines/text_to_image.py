@@ -16,7 +16,9 @@ import json
 import os
 import unicodedata
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -205,6 +207,11 @@ def clean_prompts(prompt: str | list[str], max_chars: int = 1000) -> list[str]:
     return cleaned
 
 
+def _report(callback: Callable[[int, int], None], batch: int, batches: int, done: int, total: int) -> None:
+    """Report a decoding step of one batch of samples as a step of the whole call (every batch takes as many)."""
+    callback(batch * total + done, batches * total)
+
+
 def _stage_dir(root: Path, name: str) -> Path:
     """A stage's subfolder, refusing names that leave the pipeline folder."""
     if (
@@ -315,6 +322,7 @@ class TextToImagePipeline:
         batch_size: int = 32,
         image: ImageInput | list[ImageInput] | None = None,
         keep_rows: int | None = None,
+        callback: Callable[[int, int], None] | None = None,
     ) -> TextToImageOutput:
         """Generate `num_images_per_prompt` images per prompt. With `num_candidates` > 1, each image is the best
         of that many samples (reranking): by contrastive similarity to its prompt (`rerank="contrastive"`), by
@@ -324,13 +332,16 @@ class TextToImagePipeline:
 
         With `image` (a PIL image or a path to one, or a list of them, one per prompt), every image completes
         its prompt's: it keeps the top `keep_rows` rows of the image's codes (default: half of them) and the
-        prior draws the rest for the prompt. The kept part comes back as the tokenizer draws it."""
+        prior draws the rest for the prompt. The kept part comes back as the tokenizer draws it.
+
+        `callback(done, total)` is called after each of the prior's decoding steps, with the steps done and to do
+        over the whole call; an exception it raises stops the call."""
         prompts = clean_prompts(prompt)
         settings = self._settings(guidance_scale, temperature, top_k, top_p, num_candidates, rerank)
         self._check_call(prompts, num_images_per_prompt, output_type, batch_size, generator)
         kept, redraw = self._kept_rows(image, keep_rows, len(prompts))
         samples = self._draw(
-            prompts, num_images_per_prompt, settings, generator, kept, redraw, None, show_progress, batch_size
+            prompts, num_images_per_prompt, settings, generator, kept, redraw, None, show_progress, batch_size, callback
         )
         return samples.output(output_type)
 
@@ -354,6 +365,7 @@ class TextToImagePipeline:
         output_type: str = "pil",
         show_progress: bool = True,
         batch_size: int = 32,
+        callback: Callable[[int, int], None] | None = None,
     ) -> TextToImageOutput:
         """Redraw the part of `image` that `mask` covers for each prompt and keep the rest.
 
@@ -369,7 +381,7 @@ class TextToImagePipeline:
         of the redrawn codes alone (a plain causal edit). With
         `blend` the images equal the input outside the mask, joined to the redrawn part by a soft edge
         `BLEND_EDGE` pixels wide; `blend=False` returns the tokenizer's drawing of the whole grid. `out.scores`
-        and `out.log_likelihoods` are those the candidates were ranked by."""
+        and `out.log_likelihoods` are those the candidates were ranked by. `callback` works as in generation."""
         prompts = clean_prompts(prompt)
         settings = self._settings(guidance_scale, temperature, top_k, top_p, num_candidates, rerank)
         self._check_call(prompts, num_images_per_prompt, output_type, batch_size, generator)
@@ -381,7 +393,7 @@ class TextToImagePipeline:
         redraw = code_cells(region, self.prior.config.grid_size).flatten()
         samples = self._draw(
             prompts, num_images_per_prompt, settings, generator, kept, redraw,
-            None if fit_what_follows else redraw, show_progress, batch_size,
+            None if fit_what_follows else redraw, show_progress, batch_size, callback,
         )  # fmt: skip
         if blend:
             alpha = soft_edge(region, BLEND_EDGE).to(samples.pixels.dtype)
@@ -422,6 +434,7 @@ class TextToImagePipeline:
         ranked_codes: torch.Tensor | None,
         show_progress: bool,
         batch_size: int,
+        callback: Callable[[int, int], None] | None = None,
     ) -> Samples:
         """The best of `settings.num_candidates` samples for each of `num_images_per_prompt` images per prompt.
         `kept` (len(prompts), N): each prompt's code grid, of which the prior redraws the codes where `redraw`
@@ -433,12 +446,14 @@ class TextToImagePipeline:
             kept = kept.repeat_interleave(repeats, dim=0)  # one row per sample
         null_text = self.contrastive.encode_text([""])
         parts = []
-        for start in tqdm(range(0, len(samples), batch_size), desc="generating", disable=not show_progress):
+        batches = range(0, len(samples), batch_size)
+        for number, start in enumerate(tqdm(batches, desc="generating", disable=not show_progress)):
             texts = samples[start : start + batch_size]
             features, mask = self.contrastive.text_token_features(texts)
             drawn = self.prior.generate(
                 features, mask, **settings.prior_args(), generator=generator, show_progress=show_progress,
                 codes=None if kept is None else kept[start : start + batch_size], redraw=redraw,
+                callback=None if callback is None else partial(_report, callback, number, len(batches)),
             )  # fmt: skip
             images = self.vqvae.decode(drawn.codes)
             embedded = self.contrastive.encode_image(images)

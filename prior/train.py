@@ -31,7 +31,14 @@ from PIL import Image
 from common.cli import ArgumentParser
 from common.data import DataConfig
 from common.grid import make_grid, to_pil
-from common.training import Trainer, TrainerHooks, TrainingConfig, add_training_args, run_script, write_eval
+from common.training import (
+    Trainer,
+    TrainerHooks,
+    TrainingConfig,
+    add_training_args,
+    run_script,
+    write_eval,
+)
 from contrastive.model import ContrastiveConfig, ContrastiveModel
 from prior.codes import cached_codes
 from prior.model import PRESETS, Prior, PriorConfig, check_sampling_args
@@ -127,7 +134,7 @@ def make_loss(text: TextFeatures):
     def compute_loss(model: torch.nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         features, mask = text(batch["text"])
         _, loss = model(batch["codes"], features, targets=batch["codes"], text_mask=mask, drop=batch.get("drop"))
-        return loss, {"bits_per_code": loss.item() / math.log(2)}
+        return loss, {"bits_per_code": loss.detach() / math.log(2)}
 
     return compute_loss
 

@@ -1,8 +1,10 @@
 import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from common.hub import ModelLoadError
 from contrastive.model import PRESETS as CLIP_PRESETS
@@ -347,3 +349,33 @@ def test_a_picture_too_small_is_refused_as_its_file_would_be(pipe, tmp_path, siz
         picture.save(tmp_path / "small.png")
         with pytest.raises(BadImage, match="too small"):
             pipe("a ball", image=tmp_path / "small.png", show_progress=False)
+
+
+def test_callback_reports_every_drawing_step_and_can_stop_the_call(pipe):
+    seen = []
+    out = pipe(["a blue ball", "a red star"], num_images_per_prompt=3, batch_size=4, generator=_gen(),
+               show_progress=False, callback=lambda done, total: seen.append((done, total)))  # fmt: skip
+    steps = pipe.prior.config.num_codes
+    assert seen == [(i, 2 * steps) for i in range(1, 2 * steps + 1)]  # two batches of drawing
+    plain = pipe(["a blue ball", "a red star"], num_images_per_prompt=3, batch_size=4, generator=_gen(),
+                 show_progress=False)  # fmt: skip
+    assert torch.equal(out.codes, plain.codes)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_five(done, total):
+        if done == 5:
+            raise Stop
+
+    with pytest.raises(Stop):
+        pipe("a blue ball", generator=_gen(), show_progress=False, callback=stop_at_five)
+
+
+def test_edit_reports_its_drawing_steps(pipe):
+    seen = []
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    pipe.edit(picture, (0, 8, 16, 16), "a red star", generator=_gen(), show_progress=False,
+              callback=lambda done, total: seen.append((done, total)))  # fmt: skip
+    total = seen[-1][1]
+    assert seen == [(i, total) for i in range(1, total + 1)] and 0 < total <= pipe.prior.config.num_codes

@@ -22,7 +22,15 @@ from accelerate.utils import set_seed
 from common.cli import ArgumentParser
 from common.data import DataConfig, collate, load_image_text
 from common.metrics import psnr
-from common.training import Trainer, TrainerHooks, TrainingConfig, add_training_args, run_script, write_eval
+from common.training import (
+    Trainer,
+    TrainerHooks,
+    TrainingConfig,
+    add_training_args,
+    require_validation,
+    run_script,
+    write_eval,
+)
 from vqvae.evaluate import evaluate, reconstruction_grid
 from vqvae.gan import VQGAN, PatchDiscriminator, adaptive_weight, hinge_discriminator_loss
 from vqvae.model import PRESETS, VQVAE, VQVAEConfig
@@ -112,14 +120,14 @@ def make_loss(args: argparse.Namespace):
             out, fake_for_generator, real, fake = model(pixels)
         rec = reconstruction_loss(out.reconstruction, pixels)
         logs = {
-            "psnr": psnr(out.reconstruction.detach(), pixels).mean().item(),
-            "usage": out.usage.item(),
-            "perplexity": out.perplexity.item(),
+            "psnr": psnr(out.reconstruction.detach(), pixels).mean(),
+            "usage": out.usage.detach(),
+            "perplexity": out.perplexity.detach(),
         }
         if lpips is not None:
             distance = lpips.to(pixels.device)(out.reconstruction, pixels).mean()
             rec = rec + args.perceptual_loss_weight * distance  # the adversarial weight balances against both
-            logs["lpips"] = distance.item()
+            logs["lpips"] = distance.detach()
         loss = rec + out.commitment_loss + out.codebook_loss
         if args.disc_start_step is not None:
             on = float(step >= args.disc_start_step)  # before the start the terms are computed but weigh nothing
@@ -130,7 +138,7 @@ def make_loss(args: argparse.Namespace):
                 weight = adaptive_weight(rec, generator_loss, last_layer) * args.disc_weight
             disc_loss = hinge_discriminator_loss(real, fake)
             loss = loss + on * (weight * generator_loss + disc_loss)
-            logs.update({"g_loss": generator_loss.item(), "d_loss": disc_loss.item(), "g_weight": weight.item()})
+            logs.update({"g_loss": generator_loss.detach(), "d_loss": disc_loss.detach(), "g_weight": weight.detach()})
         return loss, logs
 
     return compute_loss
@@ -142,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
     set_seed(args.seed)
     model, compute_loss = build_model(args), make_loss(args)  # bad flags and missing weights fail before the data
     data = load_image_text(DataConfig.from_args(args), seed=args.seed)
+    require_validation(data.validation)
     output_dir = Path(args.output_dir)
     grid_pixels = torch.stack(
         [data.validation[i]["pixel_values"] for i in range(min(args.num_grid_images, len(data.validation)))]

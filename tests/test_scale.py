@@ -68,9 +68,10 @@ def test_1024_codes_sample_the_same_with_the_kv_cache_as_by_recomputation(guidan
     model = Prior(ROPE).eval()
     features, mask = _text(ROPE)
     given = torch.randint(0, ROPE.codebook_size, (2, 1000), generator=torch.Generator().manual_seed(2))
-    kwargs = {"guidance_scale": guidance_scale, "top_k": 8, "prefix_codes": given}
-    cached = model.generate(features, mask, generator=torch.Generator().manual_seed(3), **kwargs)
-    plain = model.generate(features, mask, generator=torch.Generator().manual_seed(3), use_cache=False, **kwargs)
+    codes = torch.cat([given, torch.zeros(2, 24, dtype=torch.long)], dim=1)
+    kwargs = {"guidance_scale": guidance_scale, "top_k": 8, "codes": codes, "redraw": torch.arange(1024) >= 1000}
+    cached = model.generate(features, mask, generator=torch.Generator().manual_seed(3), **kwargs).codes
+    plain = model.generate(features, mask, generator=torch.Generator().manual_seed(3), use_cache=False, **kwargs).codes
     assert cached.shape == (2, 32, 32) and torch.equal(cached.flatten(1)[:, :1000], given)
     assert torch.equal(cached, plain)
 
@@ -118,7 +119,7 @@ def test_the_released_prior_loads_without_the_positions_field_and_samples_as_it_
     features = torch.randn(1, c.text_length, c.text_width, generator=g)
     mask = torch.ones(1, c.text_length, dtype=torch.bool)
     mask[:, 6:] = False
-    codes = prior.generate(features, mask, guidance_scale=3.0, generator=torch.Generator().manual_seed(1))
+    codes = prior.generate(features, mask, guidance_scale=3.0, generator=torch.Generator().manual_seed(1)).codes
     # the codes this model drew, with these settings, before the field existed
     assert hashlib.sha256(codes.numpy().tobytes()).hexdigest()[:16] == "d0909562be9e5198"
 

@@ -1,10 +1,10 @@
-# Set-up in one command each: `make demo` runs the main job, `make test` runs the tests.
-# Both create (or reuse) the virtual environment in .venv and install vqclip into it.
+# Set-up in one command each: `make demo` runs the main job, `make test` runs the tests, `make serve` the web app.
+# All three create (or reuse) the virtual environment in .venv and install vqclip into it.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install
+.PHONY: demo test lint install serve
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,9 @@ install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
 	$(BIN)/vqclip demo
+
+serve: $(BIN)/.installed
+	$(BIN)/vqclip serve
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from common.cli import MAX_SEED, integer, output_folder
 from common.grid import make_grid
 
 PROMPTS = (
@@ -27,6 +28,11 @@ PROMPTS = (
     "a white box in front of a brick wall",
 )
 SEARCH_QUERY = "a red ball"
+
+
+def verdict_label(prompt: str, missing: tuple[str, ...]) -> str:
+    """A picture's label: "ok: PROMPT", or "NO, wrong color+shape: PROMPT" naming what the judge did not see."""
+    return f"NO, wrong {'+'.join(missing)}: {prompt}" if missing else f"ok: {prompt}"
 
 
 def generate(pipe, judge, prompts: list[str], num_images: int, num_candidates: int, seed: int, out: Path) -> dict:
@@ -39,7 +45,7 @@ def generate(pipe, judge, prompts: list[str], num_images: int, num_candidates: i
         show_progress=False,
     )
     verdict = judge.score(result.prompts, result.images)
-    labels = [f"{'ok' if ok else 'NO'}: {p}" for ok, p in zip(verdict.matches, result.prompts, strict=True)]
+    labels = [verdict_label(prompt, missing) for prompt, missing in zip(result.prompts, verdict.missing, strict=True)]
     make_grid(result.images, labels, columns=num_images).save(out / "generated.png")
     per_prompt = {
         p: sum(verdict.matches[i * num_images : (i + 1) * num_images]) / num_images for i, p in enumerate(prompts)
@@ -47,28 +53,35 @@ def generate(pipe, judge, prompts: list[str], num_images: int, num_candidates: i
     return {"judge_match_rate": verdict.match_rate, "per_prompt": per_prompt}
 
 
+def shapes_index(model, world: Path, num_images: int, seed: int):
+    """Render a small shapes world of `num_images` into `world` and index both its splits with the contrastive
+    `model`; returns the index and the splits."""
+    from common.data import DataConfig, load_image_text
+    from contrastive.index import ImageIndex
+    from corpora import shapes
+
+    shapes.build(world, num_images, seed=seed, val_fraction=0.5, workers=1, progress=False)
+    config = DataConfig(train_data_dir=str(world), resolution=model.config.resolution, cache_images=True)
+    splits = load_image_text(config, progress=False)  # decoded once
+    index = ImageIndex.build(model, splits.train, progress=False)
+    index.add(splits.validation, progress=False)
+    return index, splits
+
+
 def search(pipe, judge, num_world_images: int, seed: int, out: Path) -> dict:
     """Build a small shapes world, index it with the contrastive model and search it for `SEARCH_QUERY`: of the
     n images that show it (by their metadata), how many are among the top n hits (as the judge reads them)."""
-    from common.data import DataConfig, load_image, load_image_text
-    from contrastive.index import ImageIndex
-    from corpora import shapes
+    from common.data import load_image
     from corpora.shapes import parse_prompt
     from pipelines.image_search import ImageSearchPipeline
 
-    world = out / "shapes"
-    shapes.build(world, num_world_images, seed=seed, val_fraction=0.5, workers=1, progress=False)
-    resolution = pipe.contrastive.config.resolution
-    config = DataConfig(train_data_dir=str(world), resolution=resolution, cache_images=True)  # decoded once
-    splits = load_image_text(config, progress=False)
+    index, splits = shapes_index(pipe.contrastive, out / "shapes", num_world_images, seed)
     wanted = parse_prompt(SEARCH_QUERY)
     relevant = sum(
         all(split.column(name)[i] == value for name, value in wanted.items())
         for split in (splits.train, splits.validation)
         for i in range(len(split))
     )
-    index = ImageIndex.build(pipe.contrastive, splits.train, progress=False)
-    index.add(splits.validation, progress=False)
     searcher = ImageSearchPipeline(pipe.contrastive, index)
     hits = searcher(SEARCH_QUERY, k=max(relevant, 8))
     searcher.contact_sheet(hits[:8]).save(out / "search.png")
@@ -116,9 +129,11 @@ def _demo(args: argparse.Namespace) -> None:
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     demo = subparsers.add_parser("demo", help="the main job: generate with the released model, judge, and search")
     demo.add_argument("--model", help="a pipeline folder (default: the released models/shapes-demo)")
-    demo.add_argument("--out", default="outputs/demo", help="folder for the pictures and demo.json")
-    demo.add_argument("--num-images", type=int, default=4, help="pictures per prompt")
-    demo.add_argument("--num-candidates", type=int, default=4, help="samples per picture; the best is kept")
-    demo.add_argument("--num-world-images", type=int, default=400, help="size of the shapes world to search")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", type=output_folder, default="outputs/demo", help="folder for the pictures and demo.json")
+    demo.add_argument("--num-images", type=integer(1, 4096), default=4, help="pictures per prompt")
+    demo.add_argument(
+        "--num-candidates", type=integer(1, 4096), default=4, help="samples per picture; the best is kept"
+    )
+    demo.add_argument("--num-world-images", type=integer(2), default=400, help="size of the shapes world to search")
+    demo.add_argument("--seed", type=integer(0, MAX_SEED), default=0)
     demo.set_defaults(func=_demo)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from common.cli import MAX_SEED, add_device_arg, integer, output_folder
 from common.data import DataConfig, load_image_text
 from common.hub import atomic_write_text
 from contrastive.evaluate import retrieval_metrics
@@ -36,12 +37,12 @@ def evaluate_pipeline(
     captions = validation.captions
     picked = random.Random(seed).sample(range(len(captions)), min(num_prompts, len(captions)))
     prompts = [captions[i] for i in picked]
-    out = pipe(prompts, generator=torch.Generator().manual_seed(seed), show_progress=False)
+    out = pipe(prompts, generator=torch.Generator(pipe.device).manual_seed(seed), show_progress=False)
     generation: dict = {"prompts": len(prompts), "mean_contrastive_score": out.scores.mean().item()}
     if (Path(data_dir) / "shapes_world.json").is_file():
         from corpora.shapes_judge import load_judge
 
-        matches = load_judge().score(out.prompts, out.images).matches
+        matches = load_judge(device=pipe.device).score(out.prompts, out.images).matches
         heldout = validation.column("heldout")
         for name, keep in (
             ("all", lambda i: True),
@@ -66,7 +67,7 @@ def to_markdown(report: dict) -> str:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    pipe = TextToImagePipeline.from_pretrained(args.model)
+    pipe = TextToImagePipeline.from_pretrained(args.model).to(args.device)
     report = evaluate_pipeline(
         pipe, args.data, max_images=args.max_images, num_prompts=args.num_prompts, seed=args.seed
     )
@@ -81,8 +82,11 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval", help="evaluate a pipeline: tokenizer, search and generation")
     parser.add_argument("--model", required=True, help="a pipeline folder")
     parser.add_argument("--data", required=True, help="an image folder with a validation split (e.g. the shapes world)")
-    parser.add_argument("--out", default="outputs/eval", help="folder for eval.json and eval.md")
-    parser.add_argument("--max-images", type=int, default=1000, help="validation images for tokenizer and search")
-    parser.add_argument("--num-prompts", type=int, default=64, help="validation captions to generate from")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=output_folder, default="outputs/eval", help="folder for eval.json and eval.md")
+    parser.add_argument(
+        "--max-images", type=integer(1), default=1000, help="validation images for tokenizer and search"
+    )
+    parser.add_argument("--num-prompts", type=integer(1, 4096), default=64, help="validation captions to generate from")
+    parser.add_argument("--seed", type=integer(0, MAX_SEED), default=0)
+    add_device_arg(parser)
     parser.set_defaults(func=_eval)

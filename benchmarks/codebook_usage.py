@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from common.cli import ArgumentParser
 from vqvae.model import PRESETS, VectorQuantizer
 
 
@@ -65,7 +66,7 @@ def run(preset: str, threshold: float, args: argparse.Namespace) -> dict[int, fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="f16-256")
     parser.add_argument("--batch-size", type=int, default=4, help="pictures a step; each gives grid x grid vectors")
     parser.add_argument("--steps", type=int, default=1000)

@@ -16,7 +16,6 @@ settings used.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.cli import ArgumentParser
 from corpora.shapes import COLORS, SEEN, SHAPES, Scene, render, triple_prompt
 from corpora.shapes_judge import JudgeScore
 from pipelines.text_to_image import DEMO_MODEL
@@ -34,7 +34,7 @@ from generation_quality import judged, load_pipeline_and_judge  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(DEMO_MODEL), help="a pipeline folder (default: the released demo)")
     parser.add_argument("--num-prompts", type=int, default=40)
     parser.add_argument("--images-per-prompt", type=int, default=4)

@@ -15,13 +15,13 @@ Ends with one JSON line: `shapes_heldout_top1` (when a shapes model is measured)
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from pathlib import Path
 
 import torch
 
+from common.cli import ArgumentParser
 from common.data import DataConfig, load_image_text
 from contrastive.evaluate import embed_dataset, key_ids, recall_at
 from contrastive.model import ContrastiveModel
@@ -75,7 +75,7 @@ def emoji_metrics(model: ContrastiveModel, data_dir: str, heldout_style: str) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="shapes-world contrastive model (default: the released one)")
     parser.add_argument("--shapes-data", help="shapes-world folder (default: 4,000 freshly built images)")
     parser.add_argument("--emoji-model", help="contrastive model trained on emoji without --heldout-style")

@@ -12,7 +12,6 @@ batch (prior/prepack.py; the same thing where reordering does not apply, e.g. on
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import statistics
@@ -20,6 +19,7 @@ import time
 
 import torch
 
+from common.cli import ArgumentParser
 from prior import prepack
 from prior.model import Prior, PriorConfig
 
@@ -35,7 +35,7 @@ def timed(fn, device: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)

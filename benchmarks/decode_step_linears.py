@@ -14,7 +14,6 @@ milliseconds per step of each (`null` where unavailable) and the megabytes of we
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -22,6 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from common.cli import ArgumentParser
 from prior import prepack
 
 
@@ -38,7 +38,7 @@ def per_step_ms(step, steps: int, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--codebook-size", type=int, default=1024)

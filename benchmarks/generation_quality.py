@@ -16,13 +16,13 @@ settings used.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import time
 
 import torch
 
+from common.cli import ArgumentParser
 from corpora.shapes import HELDOUT, SEEN, triple_prompt
 from corpora.shapes_judge import JudgeScore, ShapesJudge, load_judge
 from pipelines.text_to_image import DEMO_MODEL, RERANKERS, TextToImageOutput, TextToImagePipeline, best_candidates
@@ -80,7 +80,7 @@ def picked_matches(out: TextToImageOutput, matches: torch.Tensor, num_candidates
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(DEMO_MODEL), help="a pipeline folder (default: the released demo)")
     parser.add_argument("--num-candidates", type=int, default=8, help="samples per image, the best kept")
     parser.add_argument("--num-seen", type=int, default=100, help="seen compositions to prompt")

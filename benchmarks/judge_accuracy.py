@@ -10,15 +10,15 @@ The bar: every attribute >= 0.99 in both conditions.
 
 from __future__ import annotations
 
-import argparse
 import json
 
+from common.cli import ArgumentParser
 from corpora.shapes import ATTRIBUTES
 from corpora.shapes_judge import EVAL_BLUR, IMAGE_SIZE, accuracy, format_table, load_judge
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model directory (default: the released judge)")
     parser.add_argument("--num-images", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=1, help="evaluation seed (never used in training)")

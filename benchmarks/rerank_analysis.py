@@ -15,7 +15,6 @@ groups where only the default picks a match and those where only the other does.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from common.cli import ArgumentParser
 from pipelines.text_to_image import DEMO_MODEL, RERANKERS
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -31,7 +31,7 @@ from sampling_sweep import sweep_prompts  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(DEMO_MODEL), help="a pipeline folder (default: the released demo)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--prompt", default="a blue ball on grass")

@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from common.cli import ArgumentParser
 from corpora.shapes import SEEN, triple_prompt
 from pipelines.text_to_image import DEMO_MODEL, RERANKERS
 
@@ -71,7 +72,7 @@ def sweep_prompts() -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(DEMO_MODEL), help="a pipeline folder (default: the released demo)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--images-per-prompt", type=int, default=3, help="more pictures separate close settings")

@@ -12,7 +12,6 @@ Ends with one JSON line: {"n", "query_s", "read_s", "ratio", "build_images_per_s
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from common.cli import ArgumentParser
 from contrastive.index import CHUNK_SIZE, EMBEDDINGS_NAME, ImageIndex
 from corpora import shapes
 
@@ -65,7 +65,7 @@ def _build_throughput(folder: Path, num_images: int, preset: str) -> float | Non
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000, help="embeddings in the index")
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--k", type=int, default=10)

@@ -11,7 +11,6 @@ shapes-world data `attribute_fidelity` (plus the per-attribute rates).
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from common.cli import ArgumentParser
 from common.data import DataConfig, collate, load_image_text
 from common.grid import to_pil
 from pipelines.text_to_image import DEMO_MODEL
@@ -47,7 +47,7 @@ def attribute_fidelity(model: VQVAE, dataset: torch.utils.data.Dataset, batch_si
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(RELEASED), help="a VQ-VAE folder (default: the released one)")
     parser.add_argument("--data", help="an image folder or dataset (default: 2,000 fresh shapes-world images)")
     parser.add_argument("--max-images", type=int, default=5000)

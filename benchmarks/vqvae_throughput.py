@@ -8,17 +8,17 @@ Ends with one JSON line: {"preset", "resolution", "batch_size", "params_m", "ima
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import torch
 
+from common.cli import ArgumentParser
 from vqvae.model import PRESETS, VQVAE
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="shapes-f8")
     parser.add_argument("--resolution", type=int, default=None, help="default: the preset's picture size")
     parser.add_argument("--batch-size", type=int, default=32)

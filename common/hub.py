@@ -2,7 +2,10 @@
 
 - Loading reads only those two files; pickles are never opened.
 - Loading is strict: config fields and state-dict keys must match exactly, and the error names the
-  first offending field or key.
+  first offending field or key. The model the config describes is first built on the meta device (no memory):
+  one over `MAX_PARAMETERS`, or weights whose keys, shapes or types do not fit it, are refused before anything
+  is allocated; non-finite weights are refused naming the tensor.
+- Files are read only inside the model folder: a symlink that leads out of it is refused (`inside`).
 - Saving is atomic: both files are written into a temporary folder and renamed into place, config
   last; both carry the same `save_id`, so a crash mid-save never leaves a model that later loads with
   weights and config from different saves.
@@ -28,6 +31,9 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 PICKLE_NAMES = ("pytorch_model.bin", "model.bin", "model.pt", "model.pth", "model.ckpt")
 MAX_CONFIG_BYTES = 1 << 20
+MAX_JSON_DEPTH = 32  # nesting levels of a config, pipeline.json or index.json
+MAX_PARAMETERS = 4_000_000_000  # 16 GB of float32 weights: far above any model here, far below a hostile config
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what a float weight may be stored as
 
 M = TypeVar("M", bound="PretrainedModel")
 
@@ -36,24 +42,54 @@ class ModelLoadError(ValueError):
     """A model directory cannot be loaded; the message says why."""
 
 
+def inside(root: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """`path` with its symlinks resolved; ModelLoadError unless it stays inside the folder `root`."""
+    real, base = Path(path).resolve(), Path(root).resolve()
+    if not real.is_relative_to(base):
+        raise ModelLoadError(f"{path} leads outside {root} (to {real}); files of a model folder must be inside it")
+    return real
+
+
+def json_depth(value: Any) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (a scalar: 0), without recursion."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            todo.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 def read_json(path: Path, max_bytes: int = MAX_CONFIG_BYTES) -> Any:
-    """Read a small JSON file, refusing huge or malformed ones with a clear error."""
+    """Read a small JSON file, refusing huge, deeply nested or malformed ones with a clear error."""
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"{path} does not exist")
     if path.stat().st_size > max_bytes:
         raise ModelLoadError(f"{path} is larger than {max_bytes} bytes; refusing to read it")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
+        too_deep = json_depth(data) > MAX_JSON_DEPTH
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ModelLoadError(f"{path} is not valid JSON: {err}") from err
+    except RecursionError:  # nested past Python's own limit
+        too_deep = True
+    if too_deep:
+        raise ModelLoadError(f"{path} nests JSON more than {MAX_JSON_DEPTH} levels deep; refusing to read it")
+    return data
 
 
-def _file_mode() -> int:
-    """The mode a new file gets under the current umask."""
+def respect_umask(path: str | os.PathLike) -> None:
+    """Give `path`, and everything in it if it is a folder, the mode that a new file or folder gets under the
+    current umask. tempfile makes its files 0600 and its folders 0700, and safetensors writes 0600: saved this
+    way, another account (a web server, a colleague) could not read them."""
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    path = Path(path)
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
 
 
 def atomic_write_files(directory: str | os.PathLike, write: Any, last: str = CONFIG_NAME) -> Path:
@@ -68,9 +104,8 @@ def atomic_write_files(directory: str | os.PathLike, write: Any, last: str = CON
     try:
         write(tmp)
         files = sorted(tmp.iterdir(), key=lambda f: f.name == last)
-        mode = _file_mode()
         for f in files:
-            f.chmod(mode)  # safetensors writes 0600; saved models should be as readable as any new file
+            respect_umask(f)
             with open(f, "rb") as handle:
                 os.fsync(handle.fileno())
         for f in files:
@@ -90,6 +125,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        respect_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -98,7 +134,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def load_config(cls: type[Config], directory: Path) -> tuple[Config, dict[str, str | None]]:
     """Read `config.json` strictly; returns the config and the save's `model_class` and `save_id`."""
-    data = read_json(directory / CONFIG_NAME)
+    data = read_json(inside(directory, directory / CONFIG_NAME))
     if not isinstance(data, dict):
         raise ModelLoadError(f"{directory / CONFIG_NAME}: expected a JSON object")
     data = dict(data)
@@ -112,6 +148,7 @@ def load_config(cls: type[Config], directory: Path) -> tuple[Config, dict[str, s
 def load_weights(directory: Path, save_id: str | None = None) -> dict[str, torch.Tensor]:
     """Read `model.safetensors`; with `save_id`, check it was written by the same save as the config."""
     path = directory / WEIGHTS_NAME
+    inside(directory, path)
     if not path.is_file():
         pickles = [name for name in PICKLE_NAMES if (directory / name).exists()]
         hint = f" (found {pickles[0]}: pickle files are never loaded, convert it to safetensors)" if pickles else ""
@@ -130,7 +167,8 @@ def load_weights(directory: Path, save_id: str | None = None) -> dict[str, torch
 
 
 def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], where: Path) -> None:
-    """Raise ModelLoadError naming the first missing, unexpected or wrongly shaped key."""
+    """Raise ModelLoadError naming the first missing, unexpected, wrongly shaped or wrongly typed key, or the
+    first weight holding NaN or infinite values. `expected` may be on the meta device."""
     missing = sorted(set(expected) - set(found))
     if missing:
         raise ModelLoadError(f"{where}: missing weight {missing[0]!r} ({len(missing)} missing in all)")
@@ -142,6 +180,11 @@ def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, torch.T
             raise ModelLoadError(
                 f"{where}: weight {key!r} has shape {tuple(found[key].shape)}, the config expects {tuple(tensor.shape)}"
             )
+        kinds = FLOAT_DTYPES if tensor.dtype.is_floating_point else (tensor.dtype,)
+        if found[key].dtype not in kinds:
+            raise ModelLoadError(f"{where}: weight {key!r} is {found[key].dtype}, the model expects {tensor.dtype}")
+        if found[key].dtype.is_floating_point and not torch.isfinite(found[key]).all():
+            raise ModelLoadError(f"{where}: weight {key!r} holds NaN or infinite values")
 
 
 def save_state_dict(state: dict[str, torch.Tensor], path: Path, save_id: str | None = None) -> None:
@@ -203,8 +246,15 @@ class PretrainedModel(torch.nn.Module):
         config, meta = load_config(cls.config_class, directory)
         if meta["model_class"] is not None and meta["model_class"] != cls.__name__:
             raise ModelLoadError(f"{directory / CONFIG_NAME}: holds a {meta['model_class']}, not a {cls.__name__}")
+        with torch.device("meta"):  # the model's shapes and types, with no memory allocated
+            skeleton = cls(config).state_dict()
+        count = sum(tensor.numel() for tensor in skeleton.values())
+        if count > MAX_PARAMETERS:
+            raise ModelLoadError(
+                f"{directory / CONFIG_NAME}: describes a model of {count:,} weights, more than {MAX_PARAMETERS:,}"
+            )
         state = load_weights(directory, meta["save_id"])
+        check_state_dict(skeleton, state, directory / WEIGHTS_NAME)
         model = cls(config)
-        check_state_dict(model.state_dict(), state, directory / WEIGHTS_NAME)
         model.load_state_dict(state, strict=True)
         return model.to(device).eval()

@@ -13,8 +13,8 @@
   projection weights, and free-standing `proj`/`projection` matrices); biases, norm gains, embeddings,
   positional tables, learned rows such as a null condition, codebooks and temperatures are never decayed.
 - Memory and speed: `--gradient_checkpointing` recomputes each block's activations in the backward pass (every
-  stage's model offers `set_gradient_checkpointing`), `--compile` runs the model through `torch.compile`, AdamW
-  is fused on GPUs, and under FSDP2 (`accelerate launch --config_file recipes/accelerate/fsdp.yaml`) weights,
+  stage's model offers `set_gradient_checkpointing`), `--compile` runs the model through `torch.compile`, and under
+  FSDP2 (`accelerate launch --config_file recipes/accelerate/fsdp.yaml`) weights,
   gradients and optimizer state are sharded across processes: checkpoints then hold the shards (accelerate's
   `save_fsdp_model` / `save_fsdp_optimizer`), and hooks and the final model see the weights gathered in full.
 - Streamed data (`common.data.streams.StreamData`: shards, `datasets` streaming) is read by every process and
@@ -31,6 +31,7 @@ import os
 import random
 import shutil
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -55,7 +56,14 @@ from tqdm.auto import tqdm
 
 from common.data import SkipReport, add_data_args
 from common.data.streams import StreamData, seeded_generator
-from common.hub import STORAGE_DTYPES, PretrainedModel, atomic_write_text, save_state_dict, storage_dtype
+from common.hub import (
+    STORAGE_DTYPES,
+    PretrainedModel,
+    atomic_write_text,
+    respect_umask,
+    save_state_dict,
+    storage_dtype,
+)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 SHARED_OUTPUT = "with several machines, --output_dir must be on a filesystem that all of them share"
@@ -259,7 +267,10 @@ def weight_decay_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.P
 
 
 def make_optimizer(model: nn.Module, settings: TrainingConfig) -> torch.optim.AdamW:
-    """AdamW with two parameter groups: `adam_weight_decay` on the decayed ones, none on the others."""
+    """AdamW with two parameter groups: `adam_weight_decay` on the decayed ones, none on the others.
+
+    It is torch's fused AdamW (one kernel for all of a group's tensors, on CPU as on GPU), several times faster
+    than the loop over tensors and the same update up to rounding."""
     decayed, kept = weight_decay_groups(model)
     groups = [
         {"params": params, "weight_decay": decay}
@@ -271,7 +282,7 @@ def make_optimizer(model: nn.Module, settings: TrainingConfig) -> torch.optim.Ad
         lr=settings.learning_rate,
         betas=(settings.adam_beta1, settings.adam_beta2),
         eps=settings.adam_epsilon,
-        fused=torch.cuda.is_available() or None,  # one kernel for every tensor on a GPU
+        fused=True,
     )
 
 
@@ -435,6 +446,10 @@ class TrainerHooks:
 class Trainer:
     """Runs `compute_loss(model, batch, step) -> (loss, logs)` for `settings.max_train_steps` optimizer steps.
 
+    `logs` maps names to numbers or one-element tensors, read only on the steps that are logged (every
+    `logging_steps`), so that other steps do not wait for them; each log also holds `step_seconds` and
+    `samples_per_s`, the wall time per step since the previous log (data, checkpoints and hooks included).
+
     `dataset[i]` is one row, or `dataset` is a `StreamData`; `transform(row, generator)` (augmentation, condition
     dropout) draws from a generator seeded by (seed, epoch, row); `collate` makes a batch of rows; `batch_key`
     (e.g. a row's normalized caption) keeps rows with equal keys out of one batch; `hooks` run every N steps on
@@ -446,7 +461,7 @@ class Trainer:
         settings: TrainingConfig,
         model: torch.nn.Module,
         dataset: torch.utils.data.Dataset | StreamData,
-        compute_loss: Callable[[torch.nn.Module, Any, int], tuple[torch.Tensor, dict[str, float]]],
+        compute_loss: Callable[[torch.nn.Module, Any, int], tuple[torch.Tensor, dict[str, float | torch.Tensor]]],
         *,
         collate: Callable | None = None,
         transform: Callable | None = None,
@@ -569,6 +584,7 @@ class Trainer:
                     os.fsync(handle.fileno())
             if final.exists():
                 shutil.rmtree(final)
+            respect_umask(tmp)
             os.replace(tmp, final)
             for old in list_checkpoints(self.output_dir)[: -self.settings.checkpoints_total_limit]:
                 shutil.rmtree(old)
@@ -676,8 +692,10 @@ class Trainer:
         data = self._loader()
         bar = tqdm(total=settings.max_train_steps, initial=self.step, desc="training", disable=not acc.is_main_process)
         self.model.train()
+        rows_per_step = settings.train_batch_size * acc.num_processes * settings.gradient_accumulation_steps
+        timed_from, timed_since = time.perf_counter(), self.step
         while self.step < settings.max_train_steps:
-            logs: dict[str, float] = {}
+            logs: dict[str, Any] = {}
             for _ in range(settings.gradient_accumulation_steps):
                 batch = next(data)
                 with acc.accumulate(self.model):
@@ -690,12 +708,18 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             self.step += 1
-            logs = {"loss": float(loss.detach()), **logs, "lr": self.scheduler.get_last_lr()[0]}
             bar.update()
-            if self.stream is not None:
-                logs["skipped"] = self.stream.report().skipped.total()
             if self.step % settings.logging_steps == 0 or self.step == settings.max_train_steps:
-                logs["loss"] = acc.reduce(loss.detach(), reduction="mean").item()  # of the global batch
+                # wall time per step since the last log, everything included (data, checkpoints, hooks)
+                now = time.perf_counter()
+                seconds = (now - timed_from) / (self.step - timed_since)
+                timed_from, timed_since = now, self.step
+                global_loss = acc.reduce(loss.detach(), reduction="mean")  # the mean over every process
+                logs = {"loss": global_loss, **logs, "lr": self.scheduler.get_last_lr()[0]}
+                if self.stream is not None:
+                    logs["skipped"] = self.stream.report().skipped.total()
+                logs = {k: float(v) for k, v in logs.items()}  # tensors are read only here, once per log
+                logs.update(step_seconds=seconds, samples_per_s=rows_per_step / seconds)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
                 self._log(logs)
             if self.step % settings.checkpointing_steps == 0 or self.step == settings.max_train_steps:

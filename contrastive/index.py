@@ -41,7 +41,7 @@ from common.data import (
     image_pixels,
     load_image_text,
 )
-from common.hub import CONFIG_NAME, ModelLoadError, atomic_write_files, read_json, save_state_dict
+from common.hub import CONFIG_NAME, ModelLoadError, atomic_write_files, inside, read_json, save_state_dict
 
 INDEX_NAME = "index.json"
 EMBEDDINGS_NAME = "embeddings.safetensors"
@@ -49,6 +49,7 @@ INDEX_FORMAT = 1
 CHUNK_SIZE = 65536
 MAX_INDEX_BYTES = 2 << 30
 MAX_DIM = 65536
+NORM_TOLERANCE = 1e-2  # how far from 1 a stored embedding's length may be (float16 rounds it by about 1e-3)
 DTYPES = {"float32": (torch.float32, "F32"), "float16": (torch.float16, "F16")}
 MODEL_FIELDS = {"model_class": str, "config": dict, "save_id": (str, type(None)), "dir": (str, type(None))}
 
@@ -423,6 +424,8 @@ class ImageIndex:
             raise IndexLoadError(
                 f"{directory} is not an index folder (no {INDEX_NAME}); make one with vqclip index build"
             )
+        for name in (INDEX_NAME, EMBEDDINGS_NAME):
+            inside(directory, directory / name)  # a symlink may not lead out of the folder
         meta = _check_meta(read_json(directory / INDEX_NAME, MAX_INDEX_BYTES), directory / INDEX_NAME)
         embeddings = _read_embeddings(directory / EMBEDDINGS_NAME, meta)
         index = cls(embeddings, meta["sources"], meta["captions"], meta["model"], chunk_size=chunk_size)
@@ -487,6 +490,12 @@ def _read_embeddings(path: Path, meta: dict[str, Any]) -> torch.Tensor:
             embeddings = handle.get_tensor("embeddings")
     except (SafetensorError, OSError) as err:
         raise IndexLoadError(f"{path} is not a valid safetensors file: {err}") from err
-    if not all(torch.isfinite(embeddings[i : i + CHUNK_SIZE]).all() for i in range(0, len(embeddings), CHUNK_SIZE)):
-        raise IndexLoadError(f"{path}: embeddings hold NaN or infinite values")
+    for start in range(0, len(embeddings), CHUNK_SIZE):
+        chunk = embeddings[start : start + CHUNK_SIZE].float()
+        if not torch.isfinite(chunk).all():
+            raise IndexLoadError(f"{path}: embeddings hold NaN or infinite values")
+        norms = chunk.norm(dim=1)
+        if not torch.allclose(norms, torch.ones_like(norms), atol=NORM_TOLERANCE):
+            row = start + int((norms - 1).abs().argmax())
+            raise IndexLoadError(f"{path}: embedding {row} has length {norms[row - start]:.4g}, not 1 (not normalized)")
     return embeddings

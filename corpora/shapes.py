@@ -308,6 +308,14 @@ SIZE_RADII = {"small": 0.12, "large": 0.21}
 
 def render(scene: Scene, resolution: int = 64, rng: np.random.Generator | None = None) -> Image.Image:
     """Render `scene` as an RGB image of `resolution` x `resolution` pixels."""
+    return render_with_box(scene, resolution, rng)[0]
+
+
+def render_with_box(
+    scene: Scene, resolution: int = 64, rng: np.random.Generator | None = None
+) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """`render`'s picture (the same one for the same `rng`) and the object's box (left, top, right, bottom) in
+    pixels: the smallest that holds every pixel the object, outline included, touches."""
     rng = rng if rng is not None else np.random.default_rng()
     size = resolution
     img = _background(scene.background, size, rng)
@@ -337,7 +345,9 @@ def render(scene: Scene, resolution: int = 64, rng: np.random.Generator | None =
     body = np.clip(color * light + glint, 0, 1)
     img = img * (1 - outer[..., None]) + edge * outer[..., None]
     img = img * (1 - inner[..., None]) + body * inner[..., None]
-    return Image.fromarray(np.round(np.clip(img, 0, 1) * 255).astype(np.uint8), "RGB")
+    rows, cols = np.nonzero(outer)
+    box = (int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1)
+    return Image.fromarray(np.round(np.clip(img, 0, 1) * 255).astype(np.uint8), "RGB"), box
 
 
 def sample_scene(rng: np.random.Generator, heldout: bool | None = None) -> Scene:
@@ -388,6 +398,29 @@ def _render_job(job: _Job) -> dict:
     return {"file_name": name, "text": caption(scene, text_rng), **asdict(scene), "heldout": scene.heldout}
 
 
+def split_counts(num_images: int, val_fraction: float = 0.1) -> dict[str, int]:
+    """Images per split of a shapes world of `num_images`."""
+    num_val = max(1, round(num_images * val_fraction))
+    return {"train": num_images - num_val, "validation": num_val}
+
+
+def built_as(out: str | Path, num_images: int, resolution: int = 64, seed: int = 0, val_fraction: float = 0.1) -> bool:
+    """Whether `out` already holds the shapes world these settings build (False when it holds none). One built
+    with other settings is an error that names them, so that it is never taken for this one."""
+    info_path = Path(out) / "shapes_world.json"
+    if not info_path.is_file():
+        return False
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    wanted = {"counts": split_counts(num_images, val_fraction), "resolution": resolution, "seed": seed}
+    differ = [f"{key} {info.get(key)} (wanted {value})" for key, value in wanted.items() if info.get(key) != value]
+    if differ:
+        raise ValueError(
+            f"{out} holds a shapes world built with other settings: {'; '.join(differ)}. "
+            "Build into another folder, or delete it first"
+        )
+    return True
+
+
 def build(
     out: str | Path,
     num_images: int,
@@ -410,8 +443,7 @@ def build(
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     out = Path(out)
-    num_val = max(1, round(num_images * val_fraction))
-    counts = {"train": num_images - num_val, "validation": num_val}
+    counts = split_counts(num_images, val_fraction)
     jobs = []
     for split, count in counts.items():
         (out / split).mkdir(parents=True, exist_ok=True)

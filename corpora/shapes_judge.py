@@ -124,20 +124,23 @@ class ShapesJudge(PretrainedModel):
         if len(prompts) != len(images):
             raise ValueError(f"got {len(prompts)} prompts but {len(images)} images")
         readings = self.read(images)
-        matches = [
-            all(reading[name] == value for name, value in parse_prompt(prompt).items())
+        missing = [
+            tuple(name for name, value in parse_prompt(prompt).items() if reading[name] != value)
             for prompt, reading in zip(prompts, readings, strict=True)
         ]
-        return JudgeScore(matches, sum(matches) / len(matches) if matches else 0.0, readings)
+        matches = [not names for names in missing]
+        return JudgeScore(matches, sum(matches) / len(matches) if matches else 0.0, readings, missing)
 
 
 @dataclass
 class JudgeScore:
-    """Per image: whether it matches its prompt, and what the judge read; plus the fraction that match."""
+    """Per image: whether it matches its prompt, what the judge read, and which attributes the prompt names that
+    it did not read back (e.g. ("color",)); plus the fraction that match."""
 
     matches: list[bool]
     match_rate: float
     readings: list[dict[str, str]]
+    missing: list[tuple[str, ...]]
 
 
 def to_array(image: Image.Image) -> np.ndarray:
@@ -359,7 +362,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     judge = subparsers.add_parser("judge", help="train or check the shapes-world attribute classifier")
     commands = judge.add_subparsers(dest="judge_command", required=True)
     fit = commands.add_parser("train", help="train a judge on fresh renders")
-    fit.add_argument("--out", required=True, help="model directory to write")
+    from common.cli import output_folder
+
+    fit.add_argument("--out", type=output_folder, required=True, help="model directory to write")
     fit.add_argument("--steps", type=int, default=800)
     fit.add_argument("--batch-size", type=int, default=128)
     fit.add_argument("--seed", type=int, default=0)

@@ -53,12 +53,12 @@ class ImageSearchPipeline:
         """A grid of the hits' images labelled "score: caption"; grey where a source is no readable file."""
         if not hits:
             raise ValueError("no search results to show")
-        images = [_thumbnail(hit.source, cell) for hit in hits]
+        images = [hit_image(hit.source, cell) for hit in hits]
         labels = [f"{hit.score:.3f}: {hit.caption}" if hit.caption else f"{hit.score:.3f}" for hit in hits]
         return make_grid(images, labels, columns=columns, cell=cell)
 
 
-def _thumbnail(source: str, cell: int) -> Image.Image:
+def hit_image(source: str, cell: int) -> Image.Image:
     """The image at `source`, or a grey square for rows without a readable file (e.g. of hub datasets)."""
     try:
         return load_image(source)

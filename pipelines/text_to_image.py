@@ -5,8 +5,9 @@
 
 A pipeline folder holds `pipeline.json` and one subfolder per stage (`vqvae/`, `contrastive/`, `prior/`);
 `pipeline.json` names the subfolders and records each stage's `save_id`, so a folder whose stages come from
-different saves is refused. Subfolder names must be plain names inside the pipeline folder. It also holds
-the model's default sampling settings (`"sampling"`), which calls that leave an argument out use.
+different saves is refused. Subfolder names must be plain names, and a subfolder (or a file in it) that is a
+symlink must stay inside the pipeline folder. It also holds the model's default sampling settings
+(`"sampling"`), which calls that leave an argument out use. Any other key is refused.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import json
 import os
 import unicodedata
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +29,17 @@ from tqdm.auto import tqdm
 
 from common.data import image_pixels
 from common.grid import to_pil, to_uint8
-from common.hub import CONFIG_NAME, ModelLoadError, atomic_write_text, read_json
+from common.hub import CONFIG_NAME, ModelLoadError, atomic_write_text, inside, read_json
 from contrastive.model import ContrastiveModel
+from pipelines.editing import BLEND_EDGE, MaskInput, code_cells, edit_picture, edit_region, soft_edge
 from prior.model import Prior, check_sampling_args
 from vqvae.model import VQVAE
 
 PIPELINE_NAME = "pipeline.json"
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "shapes-demo"  # the released shapes-world model
 STAGES = {"vqvae": VQVAE, "contrastive": ContrastiveModel, "prior": Prior}
+PIPELINE_KEYS = {"stages", "sampling"}  # what pipeline.json holds, and what each of its stages does:
+STAGE_KEYS = {"folder", "save_id"}
 OUTPUT_TYPES = ("pil", "np", "pt")
 ImageInput = Image.Image | str | os.PathLike  # a picture to complete: a PIL image or the path to one
 SAMPLING_DEFAULTS = {
@@ -93,6 +99,15 @@ def best_candidates(
     return groups.argmax(1) + torch.arange(len(groups), device=groups.device) * num_candidates
 
 
+def convert_pixels(pixels: torch.Tensor, output_type: str) -> list[Image.Image] | np.ndarray | torch.Tensor:
+    """(B, 3, R, R) in [-1, 1] as PIL images ("pil"), a uint8 (B, R, R, 3) array ("np") or as they are ("pt")."""
+    if output_type == "pt":
+        return pixels.float().cpu()
+    if output_type == "np":
+        return to_uint8(pixels)
+    return to_pil(pixels)
+
+
 @dataclass
 class TextToImageOutput:
     images: list[Image.Image] | np.ndarray | torch.Tensor  # one per (prompt, image), prompt-major
@@ -101,6 +116,58 @@ class TextToImageOutput:
     null_scores: torch.Tensor  # (B,) contrastive similarity of each image with the empty prompt
     log_likelihoods: torch.Tensor  # (B,) mean log-probability of each image's codes under the prior (nats)
     prompts: list[str]  # the prompt of each image
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """One call's sampling settings: the pipeline's defaults with the call's own on top."""
+
+    guidance_scale: float
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    num_candidates: int
+    rerank: str
+
+    def prior_args(self) -> dict:
+        """The settings `Prior.generate` takes."""
+        return {"guidance_scale": self.guidance_scale, "temperature": self.temperature, "top_k": self.top_k,
+                "top_p": self.top_p}  # fmt: skip
+
+
+@dataclass
+class Samples:
+    """Drawn pictures, one row each, with what reranking needs; `output` makes the pipeline's answer."""
+
+    codes: torch.Tensor  # (B, h, w)
+    pixels: torch.Tensor  # (B, 3, R, R) in [-1, 1]
+    scores: torch.Tensor  # (B,)
+    null_scores: torch.Tensor  # (B,)
+    log_likelihoods: torch.Tensor  # (B,)
+    prompts: list[str]
+
+    @classmethod
+    def cat(cls, parts: list[Samples]) -> Samples:
+        tensors = [torch.cat([getattr(part, f.name) for part in parts]) for f in fields(cls) if f.name != "prompts"]
+        return cls(*tensors, [prompt for part in parts for prompt in part.prompts])
+
+    def take(self, index: torch.Tensor) -> Samples:
+        tensors = [getattr(self, f.name)[index.to(self.codes.device)] for f in fields(self) if f.name != "prompts"]
+        return Samples(*tensors, [self.prompts[i] for i in index.tolist()])
+
+    def ranking(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What `best_candidates` ranks by: scores, null scores and log-likelihoods."""
+        return self.scores, self.null_scores, self.log_likelihoods
+
+    def output(self, output_type: str) -> TextToImageOutput:
+        return TextToImageOutput(
+            convert_pixels(self.pixels, output_type),
+            self.codes,
+            self.scores.float().cpu(),
+            self.null_scores.float().cpu(),
+            self.log_likelihoods.cpu(),
+            self.prompts,
+        )
 
 
 def check_compatible(vqvae: VQVAE, contrastive: ContrastiveModel, prior: Prior) -> None:
@@ -140,6 +207,11 @@ def clean_prompts(prompt: str | list[str], max_chars: int = 1000) -> list[str]:
     return cleaned
 
 
+def _report(callback: Callable[[int, int], None], batch: int, batches: int, done: int, total: int) -> None:
+    """Report a decoding step of one batch of samples as a step of the whole call (every batch takes as many)."""
+    callback(batch * total + done, batches * total)
+
+
 def _stage_dir(root: Path, name: str) -> Path:
     """A stage's subfolder, refusing names that leave the pipeline folder."""
     if (
@@ -150,7 +222,14 @@ def _stage_dir(root: Path, name: str) -> Path:
         or name in (".", "..")
     ):
         raise ModelLoadError(f"{root / PIPELINE_NAME}: stage folder {name!r} must be a plain folder name")
+    inside(root, root / name)
     return root / name
+
+
+def _check_keys(found: dict, known: set[str], where: str) -> None:
+    unknown = sorted(set(found) - known, key=str)
+    if unknown:
+        raise ModelLoadError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
 
 
 class TextToImagePipeline:
@@ -176,9 +255,10 @@ class TextToImagePipeline:
     def from_pretrained(cls, path: str | os.PathLike) -> TextToImagePipeline:
         """From a pipeline folder (`pipeline.json` + one subfolder per stage)."""
         root = Path(path)
-        spec = read_json(root / PIPELINE_NAME)
+        spec = read_json(inside(root, root / PIPELINE_NAME))
         if not isinstance(spec, dict) or not isinstance(spec.get("stages"), dict):
             raise ModelLoadError(f'{root / PIPELINE_NAME}: expected {{"stages": {{...}}}}')
+        _check_keys(spec, PIPELINE_KEYS, str(root / PIPELINE_NAME))
         stages = spec["stages"]
         if set(stages) != set(STAGES):
             raise ModelLoadError(
@@ -189,6 +269,7 @@ class TextToImagePipeline:
             entry = stages[name]
             if not isinstance(entry, dict):
                 raise ModelLoadError(f"{root / PIPELINE_NAME}: stage {name!r} must be an object")
+            _check_keys(entry, STAGE_KEYS, f"{root / PIPELINE_NAME}: stage {name!r}")
             folder = _stage_dir(root, entry.get("folder"))
             config = read_json(folder / CONFIG_NAME)
             saved = config.get("save_id") if isinstance(config, dict) else None
@@ -241,6 +322,7 @@ class TextToImagePipeline:
         batch_size: int = 32,
         image: ImageInput | list[ImageInput] | None = None,
         keep_rows: int | None = None,
+        callback: Callable[[int, int], None] | None = None,
     ) -> TextToImageOutput:
         """Generate `num_images_per_prompt` images per prompt. With `num_candidates` > 1, each image is the best
         of that many samples (reranking): by contrastive similarity to its prompt (`rerank="contrastive"`), by
@@ -250,68 +332,155 @@ class TextToImagePipeline:
 
         With `image` (a PIL image or a path to one, or a list of them, one per prompt), every image completes
         its prompt's: it keeps the top `keep_rows` rows of the image's codes (default: half of them) and the
-        prior draws the rest for the prompt. The kept part comes back as the tokenizer draws it."""
+        prior draws the rest for the prompt. The kept part comes back as the tokenizer draws it.
+
+        `callback(done, total)` is called after each of the prior's decoding steps, with the steps done and to do
+        over the whole call; an exception it raises stops the call."""
         prompts = clean_prompts(prompt)
-        kept = self._kept_codes(image, keep_rows, len(prompts))
-        given = {
-            "guidance_scale": guidance_scale,
-            "temperature": temperature,
-            "top_k": top_k,
-            "top_p": top_p,
-            "num_candidates": num_candidates,
-            "rerank": rerank,
-        }
-        settings = {**self.sampling, **{name: value for name, value in given.items() if value is not None}}
-        settings = check_sampling(settings, self.prior.config.codebook_size)  # as the stored defaults are
-        guidance_scale, temperature, top_k, top_p, num_candidates, rerank = (
-            settings[name] for name in SAMPLING_DEFAULTS
+        settings = self._settings(guidance_scale, temperature, top_k, top_p, num_candidates, rerank)
+        self._check_call(prompts, num_images_per_prompt, output_type, batch_size, generator)
+        kept, redraw = self._kept_rows(image, keep_rows, len(prompts))
+        samples = self._draw(
+            prompts, num_images_per_prompt, settings, generator, kept, redraw, None, show_progress, batch_size, callback
         )
+        return samples.output(output_type)
+
+    @torch.inference_mode()
+    def edit(
+        self,
+        image: ImageInput,
+        mask: MaskInput,
+        prompt: str | list[str],
+        *,
+        num_images_per_prompt: int = 1,
+        guidance_scale: float | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        num_candidates: int | None = None,
+        rerank: str | None = None,
+        generator: torch.Generator | None = None,
+        blend: bool = True,
+        fit_what_follows: bool = True,
+        output_type: str = "pil",
+        show_progress: bool = True,
+        batch_size: int = 32,
+        callback: Callable[[int, int], None] | None = None,
+    ) -> TextToImageOutput:
+        """Redraw the part of `image` that `mask` covers for each prompt and keep the rest.
+
+        `mask` is a black-and-white picture (PIL or a 2-D NumPy array) of the image's size, white where to
+        redraw, or a box `(left, top, right, bottom)` in the image's pixels. The image (and the mask with it) is
+        resized and center-cropped as training images are; every code cell the mask touches is redrawn and every
+        other code kept. Sampling settings, `generator` and `num_images_per_prompt` work as in generation.
+
+        The prior draws the redrawn codes in raster order without seeing the kept codes after them, so each
+        image is the best of `num_candidates` drawings, and the likelihood that rerankers weigh
+        (`rerank="contrastive+likelihood"`) is the prior's likelihood of the whole grid, the kept codes after the
+        region included: the drawing that fits what follows wins. `fit_what_follows=False` weighs the likelihood
+        of the redrawn codes alone (a plain causal edit). With
+        `blend` the images equal the input outside the mask, joined to the redrawn part by a soft edge
+        `BLEND_EDGE` pixels wide; `blend=False` returns the tokenizer's drawing of the whole grid. `out.scores`
+        and `out.log_likelihoods` are those the candidates were ranked by. `callback` works as in generation."""
+        prompts = clean_prompts(prompt)
+        settings = self._settings(guidance_scale, temperature, top_k, top_p, num_candidates, rerank)
+        self._check_call(prompts, num_images_per_prompt, output_type, batch_size, generator)
+        picture = edit_picture(image)
+        resolution = self.vqvae.config.resolution
+        region = edit_region(mask, picture.size, resolution).to(self.device)  # (R, R) bool
+        pixels = image_pixels(picture, resolution).to(self.device)
+        kept = self.vqvae.encode(pixels[None]).flatten(1).expand(len(prompts), -1)
+        redraw = code_cells(region, self.prior.config.grid_size).flatten()
+        samples = self._draw(
+            prompts, num_images_per_prompt, settings, generator, kept, redraw,
+            None if fit_what_follows else redraw, show_progress, batch_size, callback,
+        )  # fmt: skip
+        if blend:
+            alpha = soft_edge(region, BLEND_EDGE).to(samples.pixels.dtype)
+            samples.pixels = samples.pixels * alpha + pixels * (1 - alpha)
+        return samples.output(output_type)
+
+    def _settings(self, *given: object) -> Sampling:
+        """The pipeline's default sampling settings, with those given (in SAMPLING_DEFAULTS' order) on top."""
+        chosen = {name: value for name, value in zip(SAMPLING_DEFAULTS, given, strict=True) if value is not None}
+        return Sampling(**check_sampling({**self.sampling, **chosen}, self.prior.config.codebook_size))
+
+    def _check_call(
+        self,
+        prompts: list[str],
+        num_images_per_prompt: int,
+        output_type: str,
+        batch_size: int,
+        generator: torch.Generator | None,
+    ) -> None:
         check_count("num_images_per_prompt", num_images_per_prompt)
+        check_count("batch_size", batch_size)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(
+                f"generator must be a torch.Generator (torch.Generator().manual_seed(0)) or None, got {generator!r}"
+            )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         self._warn_if_truncated(prompts)
 
-        per_image = [p for p in prompts for _ in range(num_images_per_prompt)]
-        samples = [p for p in per_image for _ in range(num_candidates)]
+    def _draw(
+        self,
+        prompts: list[str],
+        num_images_per_prompt: int,
+        settings: Sampling,
+        generator: torch.Generator | None,
+        kept: torch.Tensor | None,
+        redraw: torch.Tensor | None,
+        ranked_codes: torch.Tensor | None,
+        show_progress: bool,
+        batch_size: int,
+        callback: Callable[[int, int], None] | None = None,
+    ) -> Samples:
+        """The best of `settings.num_candidates` samples for each of `num_images_per_prompt` images per prompt.
+        `kept` (len(prompts), N): each prompt's code grid, of which the prior redraws the codes where `redraw`
+        (N,) is True; without them it draws every code. Candidates are ranked by the likelihood of the codes
+        where `ranked_codes` (N,) is True, or of the whole grid."""
+        repeats = num_images_per_prompt * settings.num_candidates
+        samples = [p for p in prompts for _ in range(repeats)]
         if kept is not None:
-            kept = kept.repeat_interleave(num_images_per_prompt * num_candidates, dim=0)  # one row per sample
-        codes, pixels, scores, null_scores, log_likelihoods = [], [], [], [], []
+            kept = kept.repeat_interleave(repeats, dim=0)  # one row per sample
         null_text = self.contrastive.encode_text([""])
-        for start in tqdm(range(0, len(samples), batch_size), desc="generating", disable=not show_progress):
+        parts = []
+        batches = range(0, len(samples), batch_size)
+        for number, start in enumerate(tqdm(batches, desc="generating", disable=not show_progress)):
             texts = samples[start : start + batch_size]
             features, mask = self.contrastive.text_token_features(texts)
-            batch_codes, batch_log_likelihoods = self.prior.generate(
-                features, mask, temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale,
-                generator=generator, show_progress=show_progress, return_log_likelihood=True,
-                prefix_codes=None if kept is None else kept[start : start + batch_size],
+            drawn = self.prior.generate(
+                features, mask, **settings.prior_args(), generator=generator, show_progress=show_progress,
+                codes=None if kept is None else kept[start : start + batch_size], redraw=redraw,
+                callback=None if callback is None else partial(_report, callback, number, len(batches)),
             )  # fmt: skip
-            images = self.vqvae.decode(batch_codes)
-            codes.append(batch_codes)
-            pixels.append(images)
+            images = self.vqvae.decode(drawn.codes)
             embedded = self.contrastive.encode_image(images)
-            scores.append(F.cosine_similarity(embedded, self.contrastive.encode_text(texts), dim=-1))
-            null_scores.append(F.cosine_similarity(embedded, null_text, dim=-1))
-            log_likelihoods.append(batch_log_likelihoods)
-        results = [torch.cat(values) for values in (codes, pixels, scores, null_scores, log_likelihoods)]
-        if num_candidates > 1:  # keep the best candidate of each group
-            best = best_candidates(*results[2:], num_candidates=num_candidates, rerank=rerank)
-            results = [values[best.to(values.device)] for values in results]
-        codes_t, pixels_t, scores_t, null_scores_t, log_likelihoods_t = results
-        return TextToImageOutput(
-            self._convert(pixels_t, output_type),
-            codes_t,
-            scores_t.float().cpu(),
-            null_scores_t.float().cpu(),
-            log_likelihoods_t.cpu(),
-            per_image,
-        )
+            parts.append(
+                Samples(
+                    drawn.codes,
+                    images,
+                    F.cosine_similarity(embedded, self.contrastive.encode_text(texts), dim=-1),
+                    F.cosine_similarity(embedded, null_text, dim=-1),
+                    drawn.log_likelihood(ranked_codes),
+                    texts,
+                )
+            )
+        drawn = Samples.cat(parts)
+        if settings.num_candidates > 1:  # keep the best candidate of each group
+            drawn = drawn.take(best_candidates(*drawn.ranking(), settings.num_candidates, settings.rerank))
+        return drawn
 
-    def _kept_codes(self, image: object, keep_rows: int | None, count: int) -> torch.Tensor | None:
-        """(count, keep_rows * grid) codes of the top rows of each prompt's image, or None without images."""
+    def _kept_rows(
+        self, image: object, keep_rows: int | None, count: int
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        """(count, N) codes of each prompt's image and (N,) bool: the codes below the top `keep_rows` rows, which
+        completion redraws; (None, None) without images."""
         if image is None:
             if keep_rows is not None:
                 raise ValueError("keep_rows needs an image to complete")
-            return None
+            return None, None
         grid = self.prior.config.grid_size
         keep_rows = grid // 2 if keep_rows is None else keep_rows
         if not isinstance(keep_rows, int) or isinstance(keep_rows, bool) or not 1 <= keep_rows < grid:
@@ -323,19 +492,12 @@ class TextToImagePipeline:
             raise ValueError(f"got {len(images)} images for {count} prompts: give one image, or one per prompt")
         resolution = self.vqvae.config.resolution
         pixels = torch.stack([image_pixels(one, resolution) for one in images]).to(self.device)
-        return self.vqvae.encode(pixels)[:, :keep_rows].flatten(1).expand(count, -1)
+        codes = self.vqvae.encode(pixels).flatten(1).expand(count, -1)
+        return codes, torch.arange(grid * grid, device=self.device) >= keep_rows * grid
 
     def _warn_if_truncated(self, prompts: list[str]) -> None:
         length = self.contrastive.config.context_length
         tokenizer = self.contrastive.tokenizer
         for i, text in enumerate(prompts):
             if len(tokenizer.encode(text)) + 2 > length:
-                warnings.warn(f"prompt {i} is longer than {length} tokens; the end is cut off", stacklevel=4)
-
-    @staticmethod
-    def _convert(pixels: torch.Tensor, output_type: str):
-        if output_type == "pt":
-            return pixels.float().cpu()
-        if output_type == "np":
-            return to_uint8(pixels)
-        return to_pil(pixels)
+                warnings.warn(f"prompt {i} is longer than {length} tokens; the end is cut off", stacklevel=5)

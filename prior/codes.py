@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from common.data import DataConfig, SkipReport, load_image_text, to_tensor
 from common.data.mapped import load_datasets, split_names
 from common.data.streams import DatasetStreamSource, ShardSource, StreamData, held_out, resolve_shards
-from common.hub import atomic_write_text, load_config, read_json
+from common.hub import atomic_write_text, load_config, read_json, respect_umask
 from vqvae.model import VQVAE, VQVAEConfig
 
 INFO_NAME = "codes_info.json"
@@ -307,6 +307,7 @@ def _encode_job(model: VQVAE, job: _Job, out_dir: Path, batch_size: int, bar: tq
                 features=_features(num_codes, dtype),
             )
             table.save_to_disk(str(tmp))  # (datasets' own progress bar is off: this function shows one)
+            respect_umask(tmp)
             if (folder / job.name).exists():
                 shutil.rmtree(folder / job.name)
             os.replace(tmp, folder / job.name)

@@ -10,13 +10,15 @@ size.
 
 During training the prefix of a random `cond_drop_prob` fraction of rows is replaced by a learned null
 condition, which makes classifier-free guidance possible at sampling time. `generate` decodes with a
-preallocated KV cache and runs the conditional and unconditional rows in one batch.
+preallocated KV cache and runs the conditional and unconditional rows in one batch; given code grids and a
+mask of the codes to redraw, it keeps the others and feeds each run of them in at once (editing).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -190,17 +192,37 @@ def _filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None)
 def check_sampling_args(
     codebook_size: int, temperature: float, top_k: int | None, top_p: float | None, guidance_scale: float
 ) -> None:
-    """Raise ValueError naming the first bad sampling argument."""
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+    """Raise ValueError naming the first bad sampling argument (a boolean is not a number here)."""
+
+    def number(value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    if not (number(temperature) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a positive number, got {temperature}")
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
     if top_k is not None and top_k > codebook_size:
         raise ValueError(f"top_k must be at most the codebook size ({codebook_size}), got {top_k}")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+    if top_p is not None and not (number(top_p) and 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if not (isinstance(guidance_scale, (int, float)) and 0 <= guidance_scale <= MAX_GUIDANCE):
+    if not (number(guidance_scale) and 0 <= guidance_scale <= MAX_GUIDANCE):
         raise ValueError(f"guidance_scale must be a number from 0 to {MAX_GUIDANCE}, got {guidance_scale}")
+
+
+@dataclass
+class Generation:
+    """What `Prior.generate` returns."""
+
+    codes: torch.Tensor  # (B, h, w)
+    # (B, N) each code's log-probability (nats) given the codes before it, under the conditional model at
+    # temperature 1, unfiltered: how typical the model finds the grid, whatever settings drew it
+    log_probs: torch.Tensor
+
+    def log_likelihood(self, where: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) mean log-probability per code: of the whole grid, or of the codes where `where` (N,) is True."""
+        if where is None:
+            return self.log_probs.mean(1)
+        return self.log_probs[:, where.reshape(-1).to(self.log_probs.device)].mean(1)
 
 
 class Prior(PretrainedModel):
@@ -334,85 +356,108 @@ class Prior(PretrainedModel):
         top_p: float | None = None,
         guidance_scale: float = 1.0,
         generator: torch.Generator | None = None,
-        prefix_codes: torch.Tensor | None = None,
+        codes: torch.Tensor | None = None,
+        redraw: torch.Tensor | None = None,
         use_cache: bool = True,
         show_progress: bool = False,
-        return_log_likelihood: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Sample code grids (B, h, w) for B text conditions.
+        callback: Callable[[int, int], None] | None = None,
+    ) -> Generation:
+        """Sample code grids for B text conditions; with `codes`, redraw some of given grids' codes.
 
         `guidance_scale` s mixes logits as uncond + s * (cond - uncond): 1 is the plain conditional, 0 the
-        unconditional. `prefix_codes` (B, k) fixes the first k codes (e.g. the first rows of an image) and
-        samples the rest. Randomness comes only from `generator`. `use_cache=False` recomputes the whole
-        sequence at every step (for comparison). `return_log_likelihood=True` also returns (B,) the mean
-        log-probability (nats) of the sampled codes under the conditional model at temperature 1, unfiltered:
-        how typical the model finds each sample, whatever settings drew it.
+        unconditional. `codes` (B, h, w) or (B, N) are given grids and `redraw` (h, w) or (N,) bool the codes to
+        draw anew in every row; the others are kept, and the redrawn ones are sampled in raster order, each given
+        every code before it. Only the codes from the first redrawn one on are decoded step by step, and each run
+        of kept codes is fed in at once. Without `codes` every code is drawn. Randomness comes only from
+        `generator`. `use_cache=False` recomputes the whole sequence at every step (for comparison).
+        `callback(done, total)` is called after each decoding step with the steps done and to do; an exception
+        it raises stops sampling (a server uses this to drop work nobody waits for any more).
         """
         c = self.config
         check_sampling_args(c.codebook_size, temperature, top_k, top_p, guidance_scale)
         b = text_features.shape[0]
         guided = guidance_scale != 1.0
         prefix, prefix_mask = self.condition(text_features, text_mask)
+        device = prefix.device
+        grid, redraw = self._given_codes(b, codes, redraw, device)
         if guided:  # conditional rows first, then the same rows with the null condition, in one batch
-            null, null_mask = self.condition(
-                text_features, text_mask, torch.ones(b, dtype=torch.bool, device=prefix.device)
-            )
+            null, null_mask = self.condition(text_features, text_mask, torch.ones(b, dtype=torch.bool, device=device))
             prefix, prefix_mask = torch.cat([prefix, null]), torch.cat([prefix_mask, null_mask])
-        given = torch.empty(b, 0, dtype=torch.long, device=prefix.device)
-        if prefix_codes is not None:
-            given = prefix_codes.flatten(1).to(prefix.device)
-            if given.shape[0] != b or given.shape[1] > c.num_codes:
-                raise ValueError(f"prefix_codes must be (B={b}, k <= {c.num_codes}), got {tuple(prefix_codes.shape)}")
-            if given.numel() and (int(given.min()) < 0 or int(given.max()) >= c.codebook_size):
-                raise ValueError(f"prefix_codes must lie in [0, {c.codebook_size})")
-        codes = torch.empty(b, c.num_codes, dtype=torch.long, device=prefix.device)
-        codes[:, : given.shape[1]] = given
         positions = self._code_positions()
         rows = prefix.shape[0]
         key_mask = torch.cat([prefix_mask, prefix_mask.new_ones(rows, c.num_codes)], dim=1)  # (rows, all positions)
         # a cached step's one query may see every key so far but padding: an additive (rows, 1, 1, keys) mask,
         # built once (attention would otherwise convert a boolean mask in every layer at every step)
-        padding = torch.zeros(key_mask.shape, dtype=prefix.dtype, device=prefix.device)
+        padding = torch.zeros(key_mask.shape, dtype=prefix.dtype, device=device)
         padding = padding.masked_fill(~key_mask, float("-inf"))[:, None, None]
         cache = None
         if use_cache:
             head_dim = c.dim // c.heads
             cache = KVCache(c.layers, rows, c.heads, c.text_length + c.num_codes, head_dim, prefix)
 
-        def embed(first: int, last: int) -> torch.Tensor:
-            """Input embeddings of code positions first..last-1 (position 0 is the start token)."""
+        def inputs(first: int, last: int) -> torch.Tensor:
+            """Input embeddings of code positions first..last-1: the start token, then each earlier code."""
             parts = []
             if first == 0:
                 parts.append(self.start.expand(rows, 1, -1))
-            known = codes[:, max(first - 1, 0) : last - 1]
+            known = grid[:, max(first - 1, 0) : last - 1]
             if known.shape[1]:
                 embedded = self.code_embed(known)
                 parts.append(torch.cat([embedded, embedded]) if guided else embedded)
             return torch.cat(parts, dim=1) + positions[first:last]
 
-        steps = range(given.shape[1], c.num_codes)
-        log_likelihood = torch.zeros(b, device=prefix.device)
+        def chunk_mask(first: int, last: int) -> torch.Tensor:
+            """(rows, 1, queries, keys) bool for sequence positions first..last-1 attending to 0..last-1."""
+            causal = torch.ones(last - first, last, dtype=torch.bool, device=device).tril(first)
+            return causal[None, None] & key_mask[:, None, None, :last]
+
+        # each chunk ends at a redrawn code, sampled from its last logits, or at the end of the grid
+        drawn = redraw.nonzero().flatten().tolist()
+        ends = drawn if drawn and drawn[-1] == c.num_codes - 1 else [*drawn, c.num_codes - 1]
+        log_probs = torch.zeros(b, c.num_codes, device=device)
+        done = 0  # codes whose logits are computed
         # decoding from the cache multiplies `rows` rows by every weight at each step: reorder the weights for that
         # (a single row is a matrix-vector product, faster as it is)
         with prepacked(self, rows) if cache is not None and rows > 1 else contextlib.nullcontext():
-            for step in tqdm(steps, desc="sampling codes", disable=not show_progress, leave=False):
-                if cache is None or cache.length == 0:  # the prefix, the start token and any given codes at once
-                    x = torch.cat([prefix, embed(0, step + 1)], dim=1)
-                    logits = self._run(x, self._attention_mask(key_mask[:, : x.shape[1]]), cache)[:, -1]
-                else:
-                    n = cache.length
-                    logits = self._run(embed(step, step + 1), padding[..., : n + 1], cache)[:, -1]
-                logits = cond = logits.float()
+            for step, end in enumerate(tqdm(ends, desc="sampling codes", disable=not show_progress, leave=False)):
+                t = c.text_length
+                if cache is None or cache.length == 0:  # the prefix and every code position so far at once
+                    x = torch.cat([prefix, inputs(0, end + 1)], dim=1)
+                    logits = self._run(x, chunk_mask(0, t + end + 1), cache)[:, t + done :]
+                elif end == done:  # one code
+                    logits = self._run(inputs(done, end + 1), padding[..., : t + end + 1], cache)
+                else:  # a run of kept codes and the code after it
+                    logits = self._run(inputs(done, end + 1), chunk_mask(t + done, t + end + 1), cache)
+                logits = cond = logits.float()  # (rows, end + 1 - done, codebook_size)
                 if guided:
                     cond, uncond = logits[:b], logits[b:]
                     logits = uncond + guidance_scale * (cond - uncond)
-                logits = logits - logits.max(-1, keepdim=True).values  # <= 0, so dividing cannot overflow
-                logits = _filter_logits(logits / max(temperature, MIN_TEMPERATURE), top_k, top_p)
-                probs = logits.softmax(-1)
-                codes[:, step] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-                if return_log_likelihood:
-                    log_likelihood += cond.log_softmax(-1).gather(1, codes[:, step, None]).squeeze(1)
-        codes = codes.view(b, c.grid_size, c.grid_size)
-        if return_log_likelihood:
-            return codes, log_likelihood / max(len(steps), 1)
-        return codes
+                if redraw[end]:
+                    last = logits[:, -1]
+                    last = last - last.max(-1, keepdim=True).values  # <= 0, so dividing cannot overflow
+                    last = _filter_logits(last / max(temperature, MIN_TEMPERATURE), top_k, top_p)
+                    grid[:, end] = torch.multinomial(last.softmax(-1), 1, generator=generator).squeeze(1)
+                chosen = grid[:, done : end + 1, None]
+                log_probs[:, done : end + 1] = cond.log_softmax(-1).gather(2, chosen).squeeze(2)
+                done = end + 1
+                if callback is not None:
+                    callback(step + 1, len(ends))
+        return Generation(grid.view(b, c.grid_size, c.grid_size), log_probs)
+
+    def _given_codes(
+        self, b: int, codes: torch.Tensor | None, redraw: torch.Tensor | None, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, N) codes to start from and (N,) bool codes to draw, checked; every code when none are given."""
+        n = self.config.num_codes
+        if codes is None:
+            if redraw is not None:
+                raise ValueError("redraw needs the codes it redraws")
+            return torch.zeros(b, n, dtype=torch.long, device=device), torch.ones(n, dtype=torch.bool)
+        grid = codes.reshape(codes.shape[0], -1).to(device=device, dtype=torch.long).clone()
+        if grid.shape != (b, n):
+            raise ValueError(f"codes must be (B={b}, {n} codes), got {tuple(codes.shape)}")
+        if int(grid.min()) < 0 or int(grid.max()) >= self.config.codebook_size:
+            raise ValueError(f"codes must lie in [0, {self.config.codebook_size})")
+        if redraw is None or redraw.dtype != torch.bool or redraw.numel() != n:
+            raise ValueError(f"redraw must be a bool mask of the {n} codes of a grid")
+        return grid, redraw.reshape(n).cpu()

@@ -28,6 +28,7 @@ from accelerate import PartialState
 from accelerate.utils import set_seed
 from PIL import Image
 
+from common.cli import ArgumentParser
 from common.data import DataConfig
 from common.grid import make_grid, to_pil
 from common.training import Trainer, TrainerHooks, TrainingConfig, add_training_args, run_script, write_eval
@@ -45,7 +46,7 @@ SAMPLE_PROMPTS = (
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="prior.train", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="prior.train", description=__doc__.splitlines()[0])
     stages = parser.add_argument_group("frozen stages")
     stages.add_argument("--vqvae", required=True, help="the trained tokenizer's folder")
     stages.add_argument("--contrastive", required=True, help="the trained contrastive encoder's folder")
@@ -126,7 +127,7 @@ def make_loss(text: TextFeatures):
     def compute_loss(model: torch.nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         features, mask = text(batch["text"])
         _, loss = model(batch["codes"], features, targets=batch["codes"], text_mask=mask, drop=batch.get("drop"))
-        return loss, {"bits_per_code": loss.item() / math.log(2)}
+        return loss, {"bits_per_code": loss.detach() / math.log(2)}
 
     return compute_loss
 
@@ -164,7 +165,7 @@ def sample_grid(
     captions = list(prompts) * samples_per_prompt
     features, mask = text(captions)
     generator = torch.Generator(features.device).manual_seed(seed)
-    codes = prior.generate(features, mask, guidance_scale=guidance_scale, generator=generator)
+    codes = prior.generate(features, mask, guidance_scale=guidance_scale, generator=generator).codes
     return make_grid(to_pil(vqvae.decode(codes)), captions, columns=len(prompts))
 
 

@@ -4,7 +4,7 @@
 #
 #   PARALLEL=1 WORKERS=4 DEVICE=cuda bash recipes/emoji.sh
 #
-# The corpus is built first if $DATA lacks it (this needs the network once; see README "Corpora").
+# The corpus is built first if $DATA lacks it (this needs the network once; see docs/corpora.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source recipes/stage.sh

@@ -1,6 +1,7 @@
 import argparse
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -243,3 +244,13 @@ def test_build_at_128_px_says_which_styles_are_upscaled(tmp_path, capsys):
     _build(tmp_path / "small", resolution=64, progress=True)
     assert "upscaled" not in capsys.readouterr().err
     assert json.loads((tmp_path / "small" / "emoji_corpus.json").read_text())["upscaled_from_px"] == {}
+
+
+def test_the_command_builds_offline_from_a_cache(tmp_path, monkeypatch, capsys):
+    from app.cli import main
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no apt-get, no npm
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail(f"ran {a[0]} although the cache is full"))
+    argv = ["data", "emoji", "--out", str(tmp_path / "emoji"), "--cache-dir", str(FIXTURES), "--resolution", "16"]
+    assert main([*argv, "--workers", "1"]) == 0
+    assert "(noto 4, twemoji 4, openmoji 4, fluent 3)" in capsys.readouterr().out

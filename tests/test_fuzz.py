@@ -2,6 +2,8 @@
 the command line exits 0 or 2 with one readable line, never a traceback."""
 
 import math
+import os
+import re
 
 import pytest
 import torch
@@ -92,3 +94,127 @@ def test_the_command_line_answers_in_one_line(pipe, tmp_path_factory, capsys, pr
     assert "Traceback" not in err
     if code == 2 and err.startswith("vqclip generate: error"):
         assert len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- the command line: checked before any work
+
+# Every command that writes, with the flag naming its output and whether that is a file or a folder. The models
+# and data named do not exist: a command that started its work before checking its output would fail on them.
+WRITERS = {
+    "generate": (["generate", "a ball", "--model", "{tmp}/none"], "--out", "file"),
+    "search --grid": (["search", "a ball", "--index", "{tmp}/none"], "--grid", "file"),
+    "assemble": (["assemble", "--vqvae", "{tmp}/a", "--contrastive", "{tmp}/b", "--prior", "{tmp}/c"], "--out",
+                 "folder"),
+    "reconstruct": (["reconstruct", "--model", "{tmp}/none", "{tmp}/x.png"], "--out", "folder"),
+    "index build": (["index", "build", "--model", "{tmp}/none", "--images", "{tmp}/none"], "--out", "folder"),
+    "index add": (["index", "add", "--images", "{tmp}/none"], "--index", "folder"),
+    "eval": (["eval", "--model", "{tmp}/none", "--data", "{tmp}/none"], "--out", "folder"),
+    "data shapes": (["data", "shapes"], "--out", "folder"),
+    "data shards": (["data", "shards", "--from", "{tmp}/none"], "--out", "folder"),
+    "demo": (["demo"], "--out", "folder"),
+}  # fmt: skip
+BAD_OUTPUTS = {  # where an output cannot go, and what the error says
+    "file": [
+        ("folder", "{tmp}/folder is a folder; give a file name"),
+        ("file/out.png", "cannot be created: {tmp}/file is a file, not a folder"),
+        ("read-only/out.png", "cannot be created: {tmp}/read-only is not writable"),
+    ],
+    "folder": [
+        ("file", "{tmp}/file is a file, not a folder"),
+        ("file/out", "cannot be created: {tmp}/file is a file, not a folder"),
+        ("read-only", "{tmp}/read-only is not writable"),
+        ("read-only/out", "cannot be created: {tmp}/read-only is not writable"),
+    ],
+}
+
+
+PROGRESS_BAR = re.compile(r"\[\d\d:\d\d")  # tqdm's elapsed time
+
+
+def _one_line_error(capsys, argv, command):
+    """Run the command line; assert it stopped with status 2 and one line (after any progress bars) naming the
+    command; return the line."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse
+        code = exit_.code
+    err = capsys.readouterr().err
+    lines = [line for line in re.split(r"[\r\n]", err) if line.strip() and not PROGRESS_BAR.search(line)]
+    assert code == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"vqclip {command.split()[0]}") and ": error: " in lines[0], err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("command", "target", "message"),
+    [(command, *bad) for command, (_, _, kind) in sorted(WRITERS.items()) for bad in BAD_OUTPUTS[kind]],
+)
+def test_an_output_that_cannot_be_written_is_refused_first(tmp_path, capsys, monkeypatch, command, target, message):
+    argv, flag, _ = WRITERS[command]
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("")
+    (tmp_path / "read-only").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(  # as for a user who may not write there (root may write anywhere)
+        os, "access", lambda path, mode: real_access(path, mode) and not str(path).endswith("read-only")
+    )
+    argv = [a.format(tmp=tmp_path) for a in argv] + [flag, str(tmp_path / target)]
+    err = _one_line_error(capsys, argv, command)
+    assert f"argument {flag}: " in err and message.format(tmp=tmp_path) in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["generate", "x", "--model", "none", "--device", "bogus"], "argument --device: 'bogus' is not a device"),
+        (["generate", "x", "--model", "none", "--device", "cuda"], "argument --device: cuda: this machine has no CUDA"),
+        (["generate", "x", "--model", "none", "--seed", str(2**70)], "argument --seed: must be an integer from 0 to"),
+        (["generate", "x", "--model", "none", "-n", "0"], "argument -n/--num-images: must be an integer from 1"),
+        (["eval", "--model", "none", "--data", "none", "--num-prompts", "0"], "argument --num-prompts: must be"),
+        (["eval", "--model", "none", "--data", "none", "--num-prompts", "-1"], "argument --num-prompts: must be"),
+        (["search", "x", "--index", "none", "-k", "two"], "argument -k: expected an integer, got 'two'"),
+        (["data", "shapes", "--out", "{tmp}/s", "--num-images", "0"], "argument --num-images: must be"),
+    ],
+)
+def test_bad_flags_are_named_in_one_line(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = _one_line_error(capsys, [a.format(tmp=tmp_path) for a in argv], argv[0])
+    assert message in err
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """Keep `datasets` off the network and out of the home cache."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("data/shapez", "data/shapez is neither an existing file or folder nor a dataset reachable on the Hub (it "
+         "names no Hub dataset; is the path mistyped?)"),
+        ("more_pictures/", "more_pictures/ is neither an existing file or folder nor a dataset reachable on the Hub"),
+        ("./pictures", "./pictures is neither an existing file or folder"),
+        ("more_pictures", "more_pictures is neither an existing file or folder nor a dataset reachable on the Hub "
+         "(ConnectionError: "),
+        ("garbage.jsonl", "garbage.jsonl cannot be read as json data: ArrowInvalid: JSON parse error"),
+    ],
+)  # fmt: skip
+def test_a_missing_or_unreadable_data_source_says_so_in_one_line(tmp_path, capsys, monkeypatch, offline, spec, message):
+    from common.data import DataConfig, load_image_text
+    from vqvae.train import main as train_vqvae
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "garbage.jsonl").write_text('not json\n{"file_name": \n')
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_image_text(DataConfig(dataset_name=spec), progress=False)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train_vqvae(["--dataset_name", spec, "--output_dir", "out", "--preset", "tiny", "--resolution", "16"])
+    ContrastiveModel(CLIP_PRESETS["tiny"]).save_pretrained(tmp_path / "clip")
+    err = _one_line_error(capsys, ["index", "build", "--model", "clip", "--images", spec, "--out", "index"], "index")
+    assert message in err

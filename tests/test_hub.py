@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from common.config import Config, ConfigError, added_field
-from common.hub import CONFIG_NAME, STORAGE_DTYPES, WEIGHTS_NAME, ModelLoadError, PretrainedModel, storage_dtype
+from common.hub import (
+    CONFIG_NAME,
+    MAX_JSON_DEPTH,
+    STORAGE_DTYPES,
+    WEIGHTS_NAME,
+    ModelLoadError,
+    PretrainedModel,
+    storage_dtype,
+)
 
 
 @dataclass
@@ -209,3 +217,105 @@ def test_huge_or_broken_config_refused(tmp_path):
     (tmp_path / "m" / CONFIG_NAME).write_text(" " * (2 << 20))
     with pytest.raises(ModelLoadError, match="refusing to read it"):
         Tiny.from_pretrained(tmp_path / "m")
+
+
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH + 1, 200_000])  # the second is past Python's recursion limit
+def test_deeply_nested_json_is_refused_naming_the_file(tmp_path, depth):
+    Tiny(TinyConfig()).save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / CONFIG_NAME).write_text('{"width": ' + "[" * depth + "]" * depth + "}")
+    with pytest.raises(ModelLoadError, match=rf"{CONFIG_NAME} nests JSON more than {MAX_JSON_DEPTH} levels"):
+        Tiny.from_pretrained(tmp_path / "m")
+
+
+def test_a_config_of_too_many_weights_is_refused_before_anything_is_allocated(tmp_path):
+    from vqvae.model import VQVAE, VQVAEConfig
+
+    directory = tmp_path / "vqvae"
+    VQVAE(VQVAEConfig(base_channels=8, channel_mult=(1,), num_res_blocks=(0,), latent_channels=4)).save_pretrained(
+        directory
+    )
+    # every field within its own limit; together, hundreds of billions of weights
+    _edit_config(directory, base_channels=1024, channel_mult=[16] * 6, num_res_blocks=[8] * 6, latent_channels=1024)
+    with pytest.raises(ModelLoadError, match=r"config.json: describes a model of [\d,]+ weights, more than"):
+        VQVAE.from_pretrained(directory)
+
+
+def _replace_weight(directory, key, value):
+    """Rewrite one tensor of a saved model's weights, keeping the save's identity."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = directory / WEIGHTS_NAME
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata()
+    state = load_file(path)
+    state[key] = value(state[key])
+    save_file(state, path, metadata=metadata)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (lambda w: w.index_fill(0, torch.tensor([1]), float("nan")), "holds NaN or infinite values"),
+        (lambda w: w.index_fill(0, torch.tensor([0]), float("-inf")), "holds NaN or infinite values"),
+        (lambda w: w.long(), "is torch.int64, the model expects torch.float32"),
+        (lambda w: w > 0, "is torch.bool"),
+        (lambda w: w.to(torch.complex64), "is torch.complex64"),
+    ],
+)
+def test_non_finite_or_non_float_weights_are_refused_naming_the_tensor(tmp_path, value, message):
+    Tiny(TinyConfig()).save_pretrained(tmp_path / "m")
+    _replace_weight(tmp_path / "m", "layers.1.weight", value)
+    with pytest.raises(ModelLoadError, match=rf"weight 'layers.1.weight' {message}"):
+        Tiny.from_pretrained(tmp_path / "m")
+
+
+def test_float16_and_float64_weights_still_load(tmp_path):
+    Tiny(TinyConfig()).save_pretrained(tmp_path / "m")
+    _replace_weight(tmp_path / "m", "layers.0.weight", lambda w: w.double())
+    _replace_weight(tmp_path / "m", "layers.1.weight", lambda w: w.half())
+    assert Tiny.from_pretrained(tmp_path / "m").layers[1].weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", [CONFIG_NAME, WEIGHTS_NAME])
+def test_a_file_symlinked_out_of_the_model_folder_is_refused(tmp_path, name):
+    Tiny(TinyConfig()).save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / name).rename(tmp_path / name)
+    (tmp_path / "m" / name).symlink_to(tmp_path / name)
+    with pytest.raises(ModelLoadError, match=rf"{name} leads outside .*m \(to .*\); files of a model folder"):
+        Tiny.from_pretrained(tmp_path / "m")
+    (tmp_path / "m" / name).unlink()  # a link that stays inside is fine
+    (tmp_path / name).rename(tmp_path / "m" / f"real-{name}")
+    (tmp_path / "m" / name).symlink_to(f"real-{name}")
+    assert Tiny.from_pretrained(tmp_path / "m").config == TinyConfig()
+
+
+def test_a_symlinked_model_folder_loads(tmp_path):
+    Tiny(TinyConfig()).save_pretrained(tmp_path / "m")
+    (tmp_path / "link").symlink_to(tmp_path / "m")
+    assert Tiny.from_pretrained(tmp_path / "link").config == TinyConfig()
+
+
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)
+    yield
+    os.umask(old)
+
+
+def test_saved_files_and_folders_get_the_umask_modes(tmp_path, umask_027):
+    from common.hub import atomic_write_text, respect_umask
+
+    atomic_write_text(tmp_path / "out" / "eval.json", "{}\n")
+    assert (tmp_path / "out" / "eval.json").stat().st_mode & 0o777 == 0o640
+    Tiny(TinyConfig()).save_pretrained(tmp_path / "m")
+    assert {(tmp_path / "m" / name).stat().st_mode & 0o777 for name in (CONFIG_NAME, WEIGHTS_NAME)} == {0o640}
+    import tempfile
+
+    folder = tempfile.mkdtemp(dir=tmp_path)  # 0700, its files 0600
+    os.close(tempfile.mkstemp(dir=folder)[0])
+    respect_umask(folder)
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path.joinpath(folder), *tmp_path.joinpath(folder).iterdir())} == {
+        0o750,
+        0o640,
+    }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import types
@@ -17,6 +16,7 @@ from PIL import Image
 
 from app import cli
 from app import search as search_cli
+from common.cli import ArgumentParser
 from common.config import Config
 from common.data import DataConfig, Reason, load_image_text
 from common.hub import ModelLoadError, PretrainedModel
@@ -294,11 +294,14 @@ def test_an_index_refuses_another_model(model, images, tmp_path):
 
 def _run_cli(monkeypatch, argv: list[str]) -> int:
     """`app.cli.main(argv)` with the search commands registered and the stub as the contrastive model."""
-    parser = argparse.ArgumentParser(prog="vqclip")
+    parser = ArgumentParser(prog="vqclip")
     search_cli.add_cli(parser.add_subparsers(dest="command", required=True))
-    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(cli, "build_parser", lambda argv: parser)
     monkeypatch.setitem(sys.modules, "contrastive.model", types.SimpleNamespace(ContrastiveModel=StubModel))
-    return cli.main(argv)
+    try:
+        return cli.main(argv)
+    except SystemExit as exit_:  # a flag refused as it is parsed
+        return exit_.code
 
 
 def test_cli_end_to_end(model, tmp_path, monkeypatch, capsys):
@@ -329,7 +332,7 @@ def test_cli_end_to_end(model, tmp_path, monkeypatch, capsys):
     [
         (["search", "--index", "{tmp}/missing", "red"], "is not an index folder"),
         (["search", "--index", "{tmp}/index"], "give either a text query"),
-        (["search", "--index", "{tmp}/index", "red", "-k", "0"], "k must be"),
+        (["search", "--index", "{tmp}/index", "red", "-k", "0"], "argument -k: must be an integer at least 1"),
         (["search", "--index", "{tmp}/unrecorded", "red"], "does not record its model folder"),
         (["index", "build", "--model", "{tmp}/model", "--images", "{tmp}/empty", "--out", "{tmp}/o"], "no usable"),
     ],
@@ -367,3 +370,22 @@ def test_with_the_real_contrastive_model(images, tmp_path):
     hits = pipe("a red ball on grass", k=3)
     assert hits == index.search("a red ball on grass", k=3) and len(hits) == 3
     assert pipe(Path(images / "blue.png"), k=1)[0].source.endswith("blue.png")
+
+
+def test_embeddings_that_are_not_normalized_are_refused(tmp_path):
+    index = _random_index(10, 4)
+    index.embeddings[6] *= 3
+    index.save(tmp_path / "index")
+    with pytest.raises(IndexLoadError, match=r"embedding 6 has length 3, not 1 \(not normalized\)"):
+        ImageIndex.load(tmp_path / "index")
+    _random_index(10, 4, fp16=True).save(tmp_path / "half")  # float16 rounding is within the tolerance
+    assert len(ImageIndex.load(tmp_path / "half")) == 10
+
+
+@pytest.mark.parametrize("name", [INDEX_NAME, EMBEDDINGS_NAME])
+def test_index_files_symlinked_out_of_the_folder_are_refused(tmp_path, name):
+    directory = _random_index(3, 4).save(tmp_path / "index")
+    (directory / name).rename(tmp_path / name)
+    (directory / name).symlink_to(tmp_path / name)
+    with pytest.raises(ModelLoadError, match=rf"{name} leads outside"):
+        ImageIndex.load(directory)

@@ -1,8 +1,10 @@
 import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from common.hub import ModelLoadError
 from contrastive.model import PRESETS as CLIP_PRESETS
@@ -11,6 +13,7 @@ from pipelines.text_to_image import (
     PIPELINE_NAME,
     RERANKERS,
     SAMPLING_DEFAULTS,
+    STAGES,
     TextToImagePipeline,
     best_candidates,
 )
@@ -272,3 +275,107 @@ def test_eval_command_writes_json_and_markdown(pipe, tmp_path, capsys):
     assert "text_to_image_r1" in report["search"]
     assert report["generation"]["prompts"] == 6 and 0 <= report["generation"]["judge_match_all"] <= 1
     assert "## Generation" in (tmp_path / "ev" / "eval.md").read_text()
+
+
+def test_a_stage_folder_symlinked_out_of_the_pipeline_is_refused(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "pipe")
+    (tmp_path / "pipe" / "prior").rename(tmp_path / "elsewhere")
+    (tmp_path / "pipe" / "prior").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ModelLoadError, match=r"pipe/prior leads outside .*pipe \(to .*elsewhere\)"):
+        TextToImagePipeline.from_pretrained(tmp_path / "pipe")
+    (tmp_path / "pipe" / "prior").unlink()  # a link to a folder inside the pipeline folder is fine
+    (tmp_path / "elsewhere").rename(tmp_path / "pipe" / "prior-v2")
+    (tmp_path / "pipe" / "prior").symlink_to("prior-v2")
+    TextToImagePipeline.from_pretrained(tmp_path / "pipe")
+    (tmp_path / "pipe" / PIPELINE_NAME).rename(tmp_path / PIPELINE_NAME)
+    (tmp_path / "pipe" / PIPELINE_NAME).symlink_to(tmp_path / PIPELINE_NAME)
+    with pytest.raises(ModelLoadError, match=rf"{PIPELINE_NAME} leads outside"):
+        TextToImagePipeline.from_pretrained(tmp_path / "pipe")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda spec: spec.update(comment="mine"),
+            "pipeline.json: unknown key 'comment' \\(known: sampling, stages\\)",
+        ),
+        (lambda spec: spec["stages"]["vqvae"].update(path="/etc"), "stage 'vqvae': unknown key 'path'"),
+    ],
+)
+def test_unknown_keys_in_pipeline_json_are_refused(pipe, tmp_path, edit, message):
+    pipe.save_pretrained(tmp_path / "pipe")
+    spec = json.loads((tmp_path / "pipe" / PIPELINE_NAME).read_text())
+    edit(spec)
+    (tmp_path / "pipe" / PIPELINE_NAME).write_text(json.dumps(spec))
+    with pytest.raises(ModelLoadError, match=message):
+        TextToImagePipeline.from_pretrained(tmp_path / "pipe")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"guidance_scale": False}, "guidance_scale"), ({"temperature": True}, "temperature"), ({"top_p": True}, "top_p"),
+     ({"generator": "seed"}, "generator must be a torch.Generator"), ({"generator": 0}, "generator"),
+     *[({"batch_size": bad}, "batch_size must be an integer") for bad in (0, -1, 1.5, "32", None, True)]],
+)  # fmt: skip
+def test_booleans_generators_and_batch_sizes_are_checked(pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pipe("a blue ball", show_progress=False, **kwargs)
+
+
+def test_booleans_in_stored_sampling_settings_are_refused(pipe, tmp_path):
+    with pytest.raises(ValueError, match="guidance_scale"):
+        TextToImagePipeline(pipe.vqvae, pipe.contrastive, pipe.prior, sampling={"guidance_scale": False})
+    from app.cli import main
+
+    for name in STAGES:
+        getattr(pipe, name).save_pretrained(tmp_path / name)
+    folders = [f"--{name}={tmp_path / name}" for name in STAGES]
+    argv = ["assemble", *folders, "--out", str(tmp_path / "p"), "--sampling", '{"temperature": true}']
+    assert main(argv) == 2
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("size", [(0, 0), (1, 1), (64, 4)])
+def test_a_picture_too_small_is_refused_as_its_file_would_be(pipe, tmp_path, size):
+    from PIL import Image
+
+    from common.data import BadImage
+
+    picture = Image.new("RGB", size, "red")
+    with pytest.raises(BadImage, match="too small"):
+        pipe("a ball", image=picture, show_progress=False)
+    if min(size) > 0:
+        picture.save(tmp_path / "small.png")
+        with pytest.raises(BadImage, match="too small"):
+            pipe("a ball", image=tmp_path / "small.png", show_progress=False)
+
+
+def test_callback_reports_every_drawing_step_and_can_stop_the_call(pipe):
+    seen = []
+    out = pipe(["a blue ball", "a red star"], num_images_per_prompt=3, batch_size=4, generator=_gen(),
+               show_progress=False, callback=lambda done, total: seen.append((done, total)))  # fmt: skip
+    steps = pipe.prior.config.num_codes
+    assert seen == [(i, 2 * steps) for i in range(1, 2 * steps + 1)]  # two batches of drawing
+    plain = pipe(["a blue ball", "a red star"], num_images_per_prompt=3, batch_size=4, generator=_gen(),
+                 show_progress=False)  # fmt: skip
+    assert torch.equal(out.codes, plain.codes)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_five(done, total):
+        if done == 5:
+            raise Stop
+
+    with pytest.raises(Stop):
+        pipe("a blue ball", generator=_gen(), show_progress=False, callback=stop_at_five)
+
+
+def test_edit_reports_its_drawing_steps(pipe):
+    seen = []
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    pipe.edit(picture, (0, 8, 16, 16), "a red star", generator=_gen(), show_progress=False,
+              callback=lambda done, total: seen.append((done, total)))  # fmt: skip
+    total = seen[-1][1]
+    assert seen == [(i, total) for i in range(1, total + 1)] and 0 < total <= pipe.prior.config.num_codes

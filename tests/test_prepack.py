@@ -44,7 +44,7 @@ def test_generation_draws_the_same_codes_with_and_without_reordered_weights(guid
     features = torch.randn(3, model.config.text_length, model.config.text_width)
 
     def sample():
-        return model.generate(features, guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(0))
+        return model.generate(features, guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(0)).codes
 
     reordered = sample()
     with prepack.switched_off():

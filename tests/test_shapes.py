@@ -102,3 +102,32 @@ def test_the_command_builds_the_same_world_at_128_px(tmp_path):
     for split in ("train", "validation"):  # the same scenes and captions; only the pixels differ
         rows = [(tmp_path / str(size) / split / "metadata.jsonl").read_text() for size in (64, 128)]
         assert rows[0] == rows[1]
+
+
+def test_render_with_box_gives_the_same_picture_and_the_objects_box():
+    scene = shapes.Scene("red", "star", "sand", "small", "left")
+    image, (left, top, right, bottom) = shapes.render_with_box(scene, 64, np.random.default_rng(3))
+    assert image.tobytes() == shapes.render(scene, 64, np.random.default_rng(3)).tobytes()
+    background = np.round(shapes._background("sand", 64, np.random.default_rng(3)) * 255).astype(np.uint8)
+    changed = (np.asarray(image) != background).any(-1)
+    inside = np.zeros_like(changed)
+    inside[top:bottom, left:right] = True
+    assert changed.any() and not (changed & ~inside).any()  # the object lies within its box
+    edges = changed[top], changed[bottom - 1], changed[:, left], changed[:, right - 1]
+    assert all(edge.any() for edge in edges)  # and touches each of its sides
+
+
+def test_reuse_keeps_a_world_built_alike_and_refuses_one_built_otherwise(tmp_path, capsys):
+    from app.cli import main
+
+    args = ["data", "shapes", "--out", str(tmp_path / "w"), "--num-images", "6", "--workers", "1", "--reuse"]
+    assert main(args) == 0
+    first = (tmp_path / "w" / "train" / "metadata.jsonl").stat().st_mtime_ns
+    assert main(args) == 0
+    assert "already holds this shapes world (6 images, seed 0); kept" in capsys.readouterr().out
+    assert (tmp_path / "w" / "train" / "metadata.jsonl").stat().st_mtime_ns == first  # not rebuilt
+    assert main([*args[:5], "8", *args[6:]]) == 2
+    err = capsys.readouterr().err
+    assert "holds a shapes world built with other settings" in err and "(wanted {'train': 7" in err
+    assert len(err.strip().splitlines()) == 1
+    assert main([*args, "--seed", "1"]) == 2 and "seed 0 (wanted 1)" in capsys.readouterr().err

@@ -51,6 +51,11 @@ def test_score_semantics(judge: ShapesJudge, red_ball: Image.Image) -> None:
     assert result.matches == [True, False, True, False, True]
     assert result.match_rate == pytest.approx(3 / 5)
     assert result.readings[0]["color"] == "red"
+    assert result.missing == [(), ("color",), (), ("shape",), ()]
+    from app.demo import verdict_label
+
+    assert verdict_label(prompts[3], result.missing[3]) == "NO, wrong shape: a large red box"
+    assert verdict_label(prompts[0], result.missing[0]) == "ok: a red ball on grass"
     with pytest.raises(ValueError, match="2 prompts but 1 images"):
         judge.score(["a red ball", "a ball"], [red_ball])
 

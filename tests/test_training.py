@@ -1,4 +1,7 @@
 import argparse
+import json
+import os
+import time
 from dataclasses import fields
 
 import pytest
@@ -57,6 +60,21 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(
         trainer.fit()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4"]
     assert all(torch.isfinite(p).all() for p in model.parameters())  # the NaN step never reached the weights
+
+
+def test_checkpoints_get_the_umask_modes(tmp_path):
+    old = os.umask(0o022)
+    try:
+        Trainer(_settings(tmp_path, max_train_steps=2), torch.nn.Linear(4, 1), Rows(), _loss, collate=torch.stack).fit()
+    finally:
+        os.umask(old)
+    checkpoint = list_checkpoints(tmp_path)[-1]
+    modes = {p.stat().st_mode & 0o777 for p in checkpoint.iterdir()}
+    assert checkpoint.stat().st_mode & 0o777 == 0o755 and modes == {0o644}
+
+
+def _loss(model, batch, step):
+    return model(batch).pow(2).mean(), {}
 
 
 def test_data_order_is_the_same_for_one_and_two_processes():
@@ -197,3 +215,49 @@ def test_a_checkpoint_whose_optimizer_groups_do_not_fit_is_refused_by_name(tmp_p
     torch.save({**state, "param_groups": [merged]}, path)  # one group for every weight
     with pytest.raises(ValueError, match="checkpoint-2: its optimizer state does not fit this model"):
         _fit(tmp_path, max_train_steps=4, resume_from_checkpoint="latest")
+
+
+class SlowRows(Rows):
+    def __getitem__(self, i):
+        time.sleep(0.01)  # data that takes time: the logged step time includes it
+        return super().__getitem__(i)
+
+
+def test_logs_hold_the_step_time_and_tensors_are_read_only_when_logged(tmp_path):
+    read = []
+
+    class Logged(torch.Tensor):
+        def __float__(self):
+            read.append(1)
+            return super().__float__()
+
+    def compute_loss(m, batch, step):
+        loss = m(batch).pow(2).mean()
+        return loss, {"twice": (2 * loss.detach()).as_subclass(Logged)}
+
+    settings = _settings(tmp_path, logging_steps=3, checkpointing_steps=100)
+    Trainer(settings, torch.nn.Linear(4, 1), SlowRows(), compute_loss, collate=torch.stack).fit()
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged] == [3, 6] and len(read) == 2  # 6 steps, read twice
+    for row in logged:
+        assert row["twice"] == pytest.approx(2 * row["loss"])
+        assert row["step_seconds"] >= 4 * 0.01  # the 4 rows of a batch, at least
+        assert row["samples_per_s"] == pytest.approx(4 / row["step_seconds"])
+
+
+def test_the_optimizer_is_fused_and_steps_as_the_loop_over_tensors_does(tmp_path):
+    settings = _settings(tmp_path, adam_weight_decay=0.1)
+    weights = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = Layers()
+        optimizer = make_optimizer(model, settings)
+        assert all(group["fused"] for group in optimizer.param_groups)
+        for group in optimizer.param_groups:
+            group["fused"] = fused
+        for _ in range(3):
+            sum(p.square().sum() for p in model.parameters()).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.allclose(weights[0], weights[1], atol=1e-6) and not torch.equal(weights[0], weights[0] * 0)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 
+from common.cli import ArgumentParser
 from common.data import DataConfig, collate, load_image_text
 from common.metrics import psnr
 from common.training import Trainer, TrainerHooks, TrainingConfig, add_training_args, run_script, write_eval
@@ -29,7 +30,7 @@ from vqvae.perceptual import LPIPS, load_lpips
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="vqvae.train", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="vqvae.train", description=__doc__.splitlines()[0])
     model = parser.add_argument_group("model")
     model.add_argument("--preset", choices=sorted(PRESETS), default="f4", help="named model config")
     model.add_argument("--model_config", help="JSON object of config fields overriding the preset")
@@ -111,14 +112,14 @@ def make_loss(args: argparse.Namespace):
             out, fake_for_generator, real, fake = model(pixels)
         rec = reconstruction_loss(out.reconstruction, pixels)
         logs = {
-            "psnr": psnr(out.reconstruction.detach(), pixels).mean().item(),
-            "usage": out.usage.item(),
-            "perplexity": out.perplexity.item(),
+            "psnr": psnr(out.reconstruction.detach(), pixels).mean(),
+            "usage": out.usage.detach(),
+            "perplexity": out.perplexity.detach(),
         }
         if lpips is not None:
             distance = lpips.to(pixels.device)(out.reconstruction, pixels).mean()
             rec = rec + args.perceptual_loss_weight * distance  # the adversarial weight balances against both
-            logs["lpips"] = distance.item()
+            logs["lpips"] = distance.detach()
         loss = rec + out.commitment_loss + out.codebook_loss
         if args.disc_start_step is not None:
             on = float(step >= args.disc_start_step)  # before the start the terms are computed but weigh nothing
@@ -129,7 +130,7 @@ def make_loss(args: argparse.Namespace):
                 weight = adaptive_weight(rec, generator_loss, last_layer) * args.disc_weight
             disc_loss = hinge_discriminator_loss(real, fake)
             loss = loss + on * (weight * generator_loss + disc_loss)
-            logs.update({"g_loss": generator_loss.item(), "d_loss": disc_loss.item(), "g_weight": weight.item()})
+            logs.update({"g_loss": generator_loss.detach(), "d_loss": disc_loss.detach(), "g_weight": weight.detach()})
         return loss, logs
 
     return compute_loss

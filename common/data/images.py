@@ -97,14 +97,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
-    """Scale the shorter side to `resolution` (Lanczos) and keep the central `resolution` square."""
+def resize_center_crop(
+    image: Image.Image, resolution: int, resample: Image.Resampling = Image.Resampling.LANCZOS
+) -> Image.Image:
+    """Scale the shorter side to `resolution` (Lanczos unless `resample` says otherwise) and keep the central
+    `resolution` square."""
     width, height = image.size
     if (width, height) == (resolution, resolution):
         return image
     side = min(width, height)
     box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
-    return image.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box)
+    return image.resize((resolution, resolution), resample, box=box)
 
 
 def to_array(image: Image.Image, resolution: int) -> np.ndarray:
@@ -121,9 +124,13 @@ def to_tensor(pixels: np.ndarray | Image.Image) -> torch.Tensor:
 
 def image_pixels(image: Image.Image | str | os.PathLike, resolution: int) -> torch.Tensor:
     """(3, R, R) in [-1, 1] from a PIL image or the path to one, made RGB, resized and center-cropped as
-    training images are; raises `BadImage` for an unusable file and ValueError for anything else."""
+    training images are; raises `BadImage` for an unusable file or a picture too small to use, and ValueError for
+    anything else."""
     if isinstance(image, (str, os.PathLike)):
         image = load_image(image)
     if not isinstance(image, Image.Image):
         raise ValueError(f"image must be a PIL image or the path to one, got {type(image).__name__}")
+    if min(image.size) < MIN_IMAGE_SIDE:  # as a file of that size is
+        width, height = image.size
+        raise BadImage(Reason.IMAGE_TOO_SMALL, f"{width}x{height} has a side under {MIN_IMAGE_SIDE}")
     return to_tensor(resize_center_crop(to_rgb(image), resolution))

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from common.cli import add_device_arg, integer
 from common.data import BadImage, load_image
 from common.grid import make_grid
 from pipelines.image_search import ImageSearchPipeline, hit_image
@@ -427,8 +428,6 @@ def _serve(args: argparse.Namespace) -> None:
         raise ValueError("vqclip serve needs gradio: pip install -e '.[web]'") from err
     from pipelines.text_to_image import DEMO_MODEL
 
-    if not 1 <= args.queue_size <= 1000:
-        raise ValueError(f"--queue-size must be from 1 to 1000, got {args.queue_size}")
     model = args.model or str(DEMO_MODEL)
     pipe = TextToImagePipeline.from_pretrained(model).to(args.device)
     with tempfile.TemporaryDirectory(prefix="vqclip-serve-") as scratch:
@@ -444,10 +443,12 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--model", help="a pipeline folder (default: the released models/shapes-demo)")
     serve.add_argument("--index", help="a search index folder (default: a small shapes world, built at start)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    serve.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    serve.add_argument("--port", type=integer(1, 65535), default=7860, help="port (default: %(default)s)")
     serve.add_argument(
-        "--queue-size", type=int, default=QUEUE_SIZE, help="requests that may wait; more are answered busy"
+        "--queue-size", type=integer(1, 1000), default=QUEUE_SIZE, help="requests that may wait; more are answered busy"
     )
-    serve.add_argument("--world-images", type=int, default=200, help="size of the shapes world built without --index")
-    serve.add_argument("--device", default="cpu")
+    serve.add_argument(
+        "--world-images", type=integer(2, 100_000), default=200, help="size of the shapes world built without --index"
+    )
+    add_device_arg(serve)
     serve.set_defaults(func=_serve)

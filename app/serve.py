@@ -266,7 +266,7 @@ def build_app(
             return pipe(**settings, generator=generator, show_progress=False, callback=on_step)
 
         try:
-            out = yield from worker.run(call, progress, (gr.skip(), gr.skip(), gr.skip()))
+            out = yield from worker.run(call, progress, (gr.skip(),) * 4)
         except ValueError as err:
             raise _error(str(err)) from err
         captions = _captions(out)
@@ -277,7 +277,17 @@ def build_app(
             f"{len(out.images)} pictures in {seconds:.1f} s with seed **{seed}**. The same pictures from the "
             f"command line:\n\n```\n{command_line({**settings, 'seed': seed}, model_name)}\n```"
         )
-        yield list(zip(out.images, captions, strict=True)), grid, status
+        yield list(zip(out.images, captions, strict=True)), grid, status, list(out.images)
+
+    def pick(pictures, selected: gr.SelectData):
+        """A picture of the Generate tab's gallery, clicked, becomes the Edit tab's picture (from this session's
+        own results, never from a path the page sends)."""
+        index = selected.index
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(pictures or []):
+            return gr.skip(), gr.skip()
+        return pictures[index], gr.Tabs(selected="edit")
+
+    pick.__annotations__["selected"] = gr.SelectData  # gradio finds the event's data by this type, not a string
 
     def edit(editor, prompts, num_images, guidance_scale, temperature, top_k, top_p, num_candidates, rerank, seed,
              left, top, right, bottom, progress=tracker):  # fmt: skip
@@ -314,80 +324,91 @@ def build_app(
 
     with gr.Blocks(title="vqclip", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(f"# vqclip\nText-to-image generation and search with `{model_name}`.")
-        with gr.Tab("Generate"):
-            with gr.Row():
-                with gr.Column(scale=1):
-                    prompts = gr.Textbox(
-                        label="prompts (one a line)", value="a blue ball on grass", lines=3, elem_id="prompts",
-                        max_length=MAX_PROMPT_TEXT,
-                    )  # fmt: skip
-                    num_images = gr.Slider(
-                        1, MAX_IMAGES, value=4, step=1, label="pictures per prompt", elem_id="num-images"
-                    )
-                    with gr.Accordion("sampling (the model's defaults)", open=False):
-                        guidance = gr.Slider(0, 20, value=defaults["guidance_scale"], step=0.1, label="guidance")
-                        temperature = gr.Slider(0.01, 2, value=defaults["temperature"], step=0.01, label="temperature")
-                        top_k = gr.Number(defaults["top_k"] or 0, precision=0, minimum=0, label="top-k (0: off)")
-                        top_p = gr.Slider(0.01, 1, value=defaults["top_p"] or 1, step=0.01, label="top-p (1: off)")
-                        candidates = gr.Slider(
-                            1, MAX_CANDIDATES, value=defaults["num_candidates"], step=1,
-                            label="candidates (samples per picture; the best is kept)",
-                        )  # fmt: skip
-                        rerank = gr.Dropdown(list(RERANKERS), value=defaults["rerank"], label="reranker")
-                    seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="seed")
-                    generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
-                with gr.Column(scale=2):
-                    gallery = gr.Gallery(
-                        label="pictures", columns=4, format="png", elem_id="gallery", preview=False, height="auto"
-                    )
-                    status = gr.Markdown(elem_id="status")
-                    grid = gr.Image(label="grid (download)", type="pil", format="png", interactive=False)
-            generate_button.click(
-                generate,
-                [prompts, num_images, guidance, temperature, top_k, top_p, candidates, rerank, seed],
-                [gallery, grid, status],
-                api_name="generate", concurrency_id="model", concurrency_limit=1,
-            )  # fmt: skip
-        with gr.Tab("Edit"):
-            with gr.Row():
-                with gr.Column(scale=1):
-                    editor = gr.ImageMask(
-                        label="the picture: paint the region to redraw", sources=["upload"], type="filepath",
-                        layers=False, brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"),
-                    )  # fmt: skip
-                    with gr.Row():
-                        box = [gr.Number(0, minimum=0, label=f"or a box: {name}") for name in ("left", "top")]
-                        box += [gr.Number(0, minimum=0, label=name) for name in ("right", "bottom")]
-                    edit_prompts = gr.Textbox(label="prompts (one a line)", value="a red star on grass", lines=2)
-                    edit_count = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="edits per prompt")
-                    edit_seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="seed")
-                    gr.Markdown("Sampling settings: those of the Generate tab.")
-                    edit_button = gr.Button("Edit", variant="primary", elem_id="edit")
-                with gr.Column(scale=2):
-                    edits = gr.Gallery(label="the picture and its edits", columns=4, format="png", preview=False)
-                    edit_status = gr.Markdown()
-            edit_button.click(
-                edit,
-                [editor, edit_prompts, edit_count, guidance, temperature, top_k, top_p, candidates, rerank, edit_seed,
-                 *box],
-                [edits, edit_status],
-                api_name="edit", preprocess=False, concurrency_id="model", concurrency_limit=1,
-            )  # fmt: skip
-        if search is not None:
-            with gr.Tab("Search"):
+        pictures = gr.State([])  # this session's last generated pictures, for the Edit tab
+        with gr.Tabs() as tabs:
+            with gr.Tab("Generate"):
                 with gr.Row():
                     with gr.Column(scale=1):
-                        query = gr.Textbox(label="text", value="a red ball", elem_id="query")
-                        upload = gr.Image(label="or a picture", type="filepath", sources=["upload"])
-                        k = gr.Slider(1, MAX_RESULTS, value=8, step=1, label="results")
-                        search_button = gr.Button("Search", variant="primary", elem_id="search")
+                        prompts = gr.Textbox(
+                            label="prompts (one a line)", value="a blue ball on grass", lines=3, elem_id="prompts",
+                            max_length=MAX_PROMPT_TEXT,
+                        )  # fmt: skip
+                        num_images = gr.Slider(
+                            1, MAX_IMAGES, value=4, step=1, label="pictures per prompt", elem_id="num-images"
+                        )
+                        with gr.Accordion("sampling (the model's defaults)", open=False):
+                            guidance = gr.Slider(0, 20, value=defaults["guidance_scale"], step=0.1, label="guidance")
+                            temperature = gr.Slider(
+                                0.01, 2, value=defaults["temperature"], step=0.01, label="temperature"
+                            )
+                            top_k = gr.Number(defaults["top_k"] or 0, precision=0, minimum=0, label="top-k (0: off)")
+                            top_p = gr.Slider(0.01, 1, value=defaults["top_p"] or 1, step=0.01, label="top-p (1: off)")
+                            candidates = gr.Slider(
+                                1, MAX_CANDIDATES, value=defaults["num_candidates"], step=1,
+                                label="candidates (samples per picture; the best is kept)",
+                            )  # fmt: skip
+                            rerank = gr.Dropdown(list(RERANKERS), value=defaults["rerank"], label="reranker")
+                        seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="seed")
+                        generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                     with gr.Column(scale=2):
-                        results = gr.Gallery(label="results", columns=4, format="png", preview=False)
-                        found = gr.Markdown()
-                search_button.click(
-                    find, [query, upload, k], [results, found], api_name="search", preprocess=False,
-                    concurrency_id="model", concurrency_limit=1,
+                        gallery = gr.Gallery(
+                            label="pictures", columns=4, format="png", elem_id="gallery", preview=False, height="auto"
+                        )
+                        status = gr.Markdown(elem_id="status")
+                        grid = gr.Image(label="grid (download)", type="pil", format="png", interactive=False)
+                generate_button.click(
+                    generate,
+                    [prompts, num_images, guidance, temperature, top_k, top_p, candidates, rerank, seed],
+                    [gallery, grid, status, pictures],
+                    api_name="generate", concurrency_id="model", concurrency_limit=1,
                 )  # fmt: skip
+            with gr.Tab("Edit", id="edit"):
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        editor = gr.ImageMask(
+                            label="the picture (upload one, or click one in Generate): paint the region to redraw",
+                            sources=["upload"], type="filepath", elem_id="editor",
+                            layers=False, brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"),
+                        )  # fmt: skip
+                        with gr.Row():
+                            labels = {"left": "or a box: left", "top": "top", "right": "right", "bottom": "bottom"}
+                            box = [
+                                gr.Number(0, minimum=0, label=label, elem_id=f"box-{name}")
+                                for name, label in labels.items()
+                            ]
+                        edit_prompts = gr.Textbox(label="prompts (one a line)", value="a red star on grass", lines=2)
+                        edit_count = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="edits per prompt")
+                        edit_seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="seed")
+                        gr.Markdown("Sampling settings: those of the Generate tab.")
+                        edit_button = gr.Button("Edit", variant="primary", elem_id="edit-button")
+                    with gr.Column(scale=2):
+                        edits = gr.Gallery(
+                            label="the picture and its edits", columns=4, format="png", preview=False, elem_id="edits"
+                        )
+                        edit_status = gr.Markdown(elem_id="edit-status")
+                edit_button.click(
+                    edit,
+                    [editor, edit_prompts, edit_count, guidance, temperature, top_k, top_p, candidates, rerank,
+                     edit_seed, *box],
+                    [edits, edit_status],
+                    api_name="edit", preprocess=False, concurrency_id="model", concurrency_limit=1,
+                )  # fmt: skip
+                gallery.select(pick, [pictures], [editor, tabs], api_visibility="private")
+            if search is not None:
+                with gr.Tab("Search"):
+                    with gr.Row():
+                        with gr.Column(scale=1):
+                            query = gr.Textbox(label="text", value="a red ball", elem_id="query")
+                            upload = gr.Image(label="or a picture", type="filepath", sources=["upload"])
+                            k = gr.Slider(1, MAX_RESULTS, value=8, step=1, label="results")
+                            search_button = gr.Button("Search", variant="primary", elem_id="search")
+                        with gr.Column(scale=2):
+                            results = gr.Gallery(label="results", columns=4, format="png", preview=False)
+                            found = gr.Markdown()
+                    search_button.click(
+                        find, [query, upload, k], [results, found], api_name="search", preprocess=False,
+                        concurrency_id="model", concurrency_limit=1,
+                    )  # fmt: skip
     demo.queue(max_size=queue_size, default_concurrency_limit=1, api_open=False)
     demo.worker = worker
     return demo

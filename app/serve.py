@@ -1,4 +1,4 @@
-"""`vqclip serve`: generate and search in the browser, with gradio (`pip install -e '.[web]'`).
+"""`vqclip serve`: generate, edit and search in the browser, with gradio (`pip install -e '.[web]'`).
 
     vqclip serve                                    # the released shapes-world model and a small shapes index
     vqclip serve --model models/mine --index runs/index --host 0.0.0.0 --port 7860
@@ -46,7 +46,7 @@ MAX_UPLOAD = "10mb"  # gradio refuses larger uploads before they reach a handler
 MAX_UPLOAD_PIXELS = 4096 * 4096
 QUEUE_SIZE = 8  # requests waiting for the model; one more is answered "busy"
 POLL_SECONDS = 0.2  # how often a waiting request reports progress and notices that its client left
-CELL = 128  # side of a picture in the downloadable grid and of a search result
+CELL = 128  # side of a picture in the downloadable grid; search results are at most twice that
 
 
 class Cancelled(Exception):
@@ -193,6 +193,13 @@ def uploaded_picture(upload: Any) -> Any:
         ) from err
 
 
+def _thumbnail(picture: Image.Image, side: int = 2 * CELL) -> Image.Image:
+    """The picture, shrunk to fit `side` × `side` if larger (an indexed photo may be thousands of pixels)."""
+    picture = picture.copy()
+    picture.thumbnail((side, side))
+    return picture
+
+
 def _captions(out: Any) -> list[str]:
     """Each picture's prompt and scores, for a gallery."""
     scores, likelihoods = out.scores.tolist(), out.log_likelihoods.tolist()
@@ -319,7 +326,7 @@ def build_app(
         with worker.lock:
             hits = search(picture if picture is not None else query, k=k)
         by = "the uploaded picture" if picture is not None else f'"{query}"'
-        results = [(hit_image(hit.source, CELL), f"{hit.score:.3f} · {hit.caption}") for hit in hits]
+        results = [(_thumbnail(hit_image(hit.source, CELL)), f"{hit.score:.3f} · {hit.caption}") for hit in hits]
         return results, f"the {len(hits)} best of {len(search.index)} pictures for {by}"
 
     with gr.Blocks(title="vqclip", delete_cache=(3600, 3600)) as demo:
@@ -460,7 +467,7 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    serve = subparsers.add_parser("serve", help="generate and search in the browser (needs the web extra)")
+    serve = subparsers.add_parser("serve", help="generate, edit and search in the browser (needs the web extra)")
     serve.add_argument("--model", help="a pipeline folder (default: the released models/shapes-demo)")
     serve.add_argument("--index", help="a search index folder (default: a small shapes world, built at start)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")

@@ -33,6 +33,7 @@ COMMANDS = {
     "data": "app.cli",
     "assemble": "app.cli",
     "generate": "app.cli",
+    "edit": "app.cli",
     "judge": "corpora.shapes_judge",
     "reconstruct": "app.reconstruct",
     "index": "app.search",

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from common.cli import MAX_SEED, integer, output_folder
 from common.grid import make_grid
 
 PROMPTS = (
@@ -128,9 +129,11 @@ def _demo(args: argparse.Namespace) -> None:
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     demo = subparsers.add_parser("demo", help="the main job: generate with the released model, judge, and search")
     demo.add_argument("--model", help="a pipeline folder (default: the released models/shapes-demo)")
-    demo.add_argument("--out", default="outputs/demo", help="folder for the pictures and demo.json")
-    demo.add_argument("--num-images", type=int, default=4, help="pictures per prompt")
-    demo.add_argument("--num-candidates", type=int, default=4, help="samples per picture; the best is kept")
-    demo.add_argument("--num-world-images", type=int, default=400, help="size of the shapes world to search")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", type=output_folder, default="outputs/demo", help="folder for the pictures and demo.json")
+    demo.add_argument("--num-images", type=integer(1, 4096), default=4, help="pictures per prompt")
+    demo.add_argument(
+        "--num-candidates", type=integer(1, 4096), default=4, help="samples per picture; the best is kept"
+    )
+    demo.add_argument("--num-world-images", type=integer(2), default=400, help="size of the shapes world to search")
+    demo.add_argument("--seed", type=integer(0, MAX_SEED), default=0)
     demo.set_defaults(func=_demo)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from common.cli import add_device_arg
+from common.cli import MAX_SEED, add_device_arg, integer, output_folder
 from common.data import DataConfig, load_image_text
 from common.hub import atomic_write_text
 from contrastive.evaluate import retrieval_metrics
@@ -82,9 +82,11 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval", help="evaluate a pipeline: tokenizer, search and generation")
     parser.add_argument("--model", required=True, help="a pipeline folder")
     parser.add_argument("--data", required=True, help="an image folder with a validation split (e.g. the shapes world)")
-    parser.add_argument("--out", default="outputs/eval", help="folder for eval.json and eval.md")
-    parser.add_argument("--max-images", type=int, default=1000, help="validation images for tokenizer and search")
-    parser.add_argument("--num-prompts", type=int, default=64, help="validation captions to generate from")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=output_folder, default="outputs/eval", help="folder for eval.json and eval.md")
+    parser.add_argument(
+        "--max-images", type=integer(1), default=1000, help="validation images for tokenizer and search"
+    )
+    parser.add_argument("--num-prompts", type=integer(1, 4096), default=64, help="validation captions to generate from")
+    parser.add_argument("--seed", type=integer(0, MAX_SEED), default=0)
     add_device_arg(parser)
     parser.set_defaults(func=_eval)

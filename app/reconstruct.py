@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from common.cli import output_folder
 from common.data import image_pixels
 from common.grid import make_grid, to_pil
 from common.metrics import psnr
@@ -36,6 +37,12 @@ def reconstruct(model_dir: str, images: list[str], out: str | None = None) -> li
 
 
 def _run(args: argparse.Namespace) -> None:
+    if args.out is None:  # each PNG goes next to its image
+        for image in args.images:
+            try:
+                output_folder(str(Path(image).parent))
+            except argparse.ArgumentTypeError as err:
+                raise ValueError(f"cannot write next to {image} ({err}); give --out") from None
     reconstruct(args.model, args.images, args.out)
 
 
@@ -43,5 +50,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("reconstruct", help="encode and decode images with a trained tokenizer")
     parser.add_argument("--model", required=True, help="a VQ-VAE folder (config.json + model.safetensors)")
     parser.add_argument("images", nargs="+", help="image files")
-    parser.add_argument("--out", help="folder for the side-by-side PNGs (default: next to each image)")
+    parser.add_argument(
+        "--out", type=output_folder, help="folder for the side-by-side PNGs (default: next to each image)"
+    )
     parser.set_defaults(func=_run)

@@ -18,7 +18,8 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.cli import add_device_arg
+from common.cli import add_device_arg, integer, output_file, output_folder
+from common.locks import locked
 from contrastive.index import ImageIndex, SearchHit
 from pipelines.image_search import ImageSearchPipeline
 
@@ -35,14 +36,16 @@ def _build(args: argparse.Namespace) -> None:
 
     model = ContrastiveModel.from_pretrained(args.model, device=args.device)
     index = ImageIndex.empty(model, model_dir=args.model, fp16=args.fp16)
-    _add_images(index, args)
-    print(f"wrote {index.save(args.out)}")
+    with locked(args.out, "the index"):
+        _add_images(index, args)
+        print(f"wrote {index.save(args.out)}")
 
 
 def _add(args: argparse.Namespace) -> None:
-    index = ImageSearchPipeline.from_pretrained(args.model, args.index, device=args.device).index
-    _add_images(index, args)
-    print(f"wrote {index.save(args.index)}")
+    with locked(args.index, "the index"):  # read, extended and written by one command at a time
+        index = ImageSearchPipeline.from_pretrained(args.model, args.index, device=args.device).index
+        _add_images(index, args)
+        print(f"wrote {index.save(args.index)}")
 
 
 def format_hits(hits: Sequence[SearchHit]) -> str:
@@ -74,7 +77,7 @@ def _image_args(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="folders (with metadata.jsonl or .txt captions, or plain), image files, or datasets names/files",
     )
-    parser.add_argument("--batch-size", type=int, default=64, help="images encoded at once")
+    parser.add_argument("--batch-size", type=integer(1), default=64, help="images encoded at once")
     parser.add_argument("--caption-column", default="text", help="caption column of metadata.jsonl or the dataset")
     add_device_arg(parser)
 
@@ -84,12 +87,14 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     actions = index.add_subparsers(dest="action", required=True)
     build = actions.add_parser("build", help="embed a collection of images with a contrastive model")
     build.add_argument("--model", required=True, help="a contrastive model folder (config.json + model.safetensors)")
-    build.add_argument("--out", required=True, help="index folder to write (index.json + embeddings.safetensors)")
+    build.add_argument(
+        "--out", type=output_folder, required=True, help="index folder to write (index.json + embeddings.safetensors)"
+    )
     build.add_argument("--fp16", action="store_true", help="store the embeddings as float16 (half the size)")
     _image_args(build)
     build.set_defaults(func=_build)
     add = actions.add_parser("add", help="add images to an index and save it again")
-    add.add_argument("--index", required=True, help="an index folder")
+    add.add_argument("--index", type=output_folder, required=True, help="an index folder")
     add.add_argument("--model", help="the model folder (default: the one the index was built with)")
     _image_args(add)
     add.set_defaults(func=_add)
@@ -99,7 +104,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     search.add_argument("--image", help="search by this image instead of a text")
     search.add_argument("--index", required=True, help="an index folder (vqclip index build)")
     search.add_argument("--model", help="the model folder (default: the one the index was built with)")
-    search.add_argument("-k", type=int, default=8, help="number of results")
-    search.add_argument("--grid", help="also write a contact sheet of the results to this PNG")
+    search.add_argument("-k", type=integer(1), default=8, help="number of results")
+    search.add_argument(
+        "--grid", type=output_file(image=True), help="also write a contact sheet of the results to this PNG"
+    )
     add_device_arg(search)
     search.set_defaults(func=_search)

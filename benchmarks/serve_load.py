@@ -20,6 +20,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -64,6 +65,45 @@ def _percentile(values: list[float], q: float) -> float | None:
     return statistics.quantiles(values, n=100, method="inclusive")[round(q) - 1]
 
 
+def _load(url: str, pid: int, args: argparse.Namespace) -> tuple[list[tuple[str, float]], float, float, float]:
+    """Warm the server, then send every client's request at once: (outcome, seconds) of each, the wall time
+    and the server's memory (MB) before and after."""
+    from gradio_client import Client
+    from gradio_client.utils import QueueError
+
+    request = ("a blue ball on grass", args.pictures, 1.0, 0.7, 0, 1.0, args.candidates, "contrastive", 0)
+    warm = Client(url, verbose=False)
+    warm.predict(*request, api_name="/generate")
+    warm.close()
+    before = _rss_mb(pid)
+    outcomes: list[tuple[str, float]] = []
+    start_together = threading.Barrier(args.clients)
+
+    def one(seed: int) -> None:
+        client, start = None, time.perf_counter()
+        try:
+            client = Client(url, verbose=False)
+            start_together.wait()
+            start = time.perf_counter()
+            client.predict(*request[:-1], seed, api_name="/generate")
+            outcome = "answered"
+        except QueueError:
+            outcome = "busy"
+        except Exception:  # counted, not raised: the figure is how many
+            outcome = "error"
+        outcomes.append((outcome, time.perf_counter() - start))
+        if client is not None:
+            client.close()
+
+    threads = [threading.Thread(target=one, args=(seed,)) for seed in range(args.clients)]
+    wall = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outcomes, time.perf_counter() - wall, before, _rss_mb(pid)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a pipeline folder (default: the released models/shapes-demo)")
@@ -74,54 +114,25 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
-    from gradio_client import Client
-    from gradio_client.utils import QueueError
-
     port = _free_port()
     url = f"http://127.0.0.1:{port}/"
     command = [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())", "serve",
                "--port", str(port), "--queue-size", str(args.queue_size), "--device", args.device]  # fmt: skip
     command += ["--model", args.model] if args.model else []
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False"}
-    server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_until_up(url, server, seconds=300)
-        request = ("a blue ball on grass", args.pictures, 1.0, 0.7, 0, 1.0, args.candidates, "contrastive", 0)
-        warm = Client(url, verbose=False)
-        warm.predict(*request, api_name="/generate")
-        warm.close()
-        before = _rss_mb(server.pid)
-
-        outcomes: list[tuple[str, float]] = []
-        start_together = threading.Barrier(args.clients)
-
-        def one(seed: int) -> None:
-            client, start = None, time.perf_counter()
+    with tempfile.TemporaryFile() as log:  # the server's output, shown if it fails to start
+        server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
             try:
-                client = Client(url, verbose=False)
-                start_together.wait()
-                start = time.perf_counter()
-                client.predict(*request[:-1], seed, api_name="/generate")
-                outcome = "answered"
-            except QueueError:
-                outcome = "busy"
-            except Exception:  # counted, not raised: the figure is how many
-                outcome = "error"
-            outcomes.append((outcome, time.perf_counter() - start))
-            if client is not None:
-                client.close()
-
-        threads = [threading.Thread(target=one, args=(seed,)) for seed in range(args.clients)]
-        wall = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        wall = time.perf_counter() - wall
-        after = _rss_mb(server.pid)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+                _wait_until_up(url, server, seconds=300)
+            except RuntimeError:
+                log.seek(0)
+                sys.stderr.write(log.read().decode(errors="replace")[-4000:])
+                raise
+            outcomes, wall, before, after = _load(url, server.pid, args)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
 
     latencies = sorted(seconds for outcome, seconds in outcomes if outcome == "answered")
     busy = [seconds for outcome, seconds in outcomes if outcome == "busy"]

@@ -8,10 +8,17 @@
   complete ones. It holds the weights (safetensors), the optimizer (`torch.load(weights_only=True)`),
   the scheduler and trainer state (JSON) and each process's RNG state; nothing is pickled.
 - A NaN or infinite loss stops the run, naming the step, before the optimizer can apply it, so the
-  last checkpoint stays good.
+  last checkpoint stays good; so does a checkpoint that cannot be written (a full disk), which is removed.
+- One run at a time per output folder: the main process holds its lock (`common.locks`), so a second run
+  names the process that has it; a run removes the half-written checkpoints that killed runs left.
 - Weight decay reaches only the matrices that multiply a layer's input (linear, convolution and attention
   projection weights, and free-standing `proj`/`projection` matrices); biases, norm gains, embeddings,
   positional tables, learned rows such as a null condition, codebooks and temperatures are never decayed.
+- Memory and speed: `--gradient_checkpointing` recomputes each block's activations in the backward pass (every
+  stage's model offers `set_gradient_checkpointing`), `--compile` runs the model through `torch.compile`, and under
+  FSDP2 (`accelerate launch --config_file recipes/accelerate/fsdp.yaml`) weights,
+  gradients and optimizer state are sharded across processes: checkpoints then hold the shards (accelerate's
+  `save_fsdp_model` / `save_fsdp_optimizer`), and hooks and the final model see the weights gathered in full.
 - Streamed data (`common.data.streams.StreamData`: shards, `datasets` streaming) is read by every process and
   worker in parallel; each checkpoint holds every process's stream position (`data-{rank}.json`), so a resumed run
   continues with exactly the batches the uninterrupted one would have drawn.
@@ -28,7 +35,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence, Sized
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -36,11 +43,21 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import (
+    gather_object,
+    load_fsdp_model,
+    load_fsdp_optimizer,
+    save_fsdp_model,
+    save_fsdp_optimizer,
+)
+from accelerate.utils.constants import FSDP_MODEL_NAME
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.fsdp import StateDictType
 from tqdm.auto import tqdm
 
+from common import locks
+from common.cli import close_progress_bars, integer
 from common.data import SkipReport, add_data_args
 from common.data.streams import StreamData, seeded_generator
 from common.hub import (
@@ -58,6 +75,10 @@ SHARED_OUTPUT = "with several machines, --output_dir must be on a filesystem tha
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk); the message names the last complete one."""
 
 
 LR_SCHEDULERS = ("constant", "cosine", "linear")
@@ -94,6 +115,8 @@ class TrainingConfig:
     report_to: str = "none"  # one of TRACKERS
     detect_anomaly: bool = False
     dataloader_num_workers: int = 0
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
+    compile: bool = False  # torch.compile the model
 
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir)
@@ -154,13 +177,13 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> None:
     d = TrainingConfig
     g = parser.add_argument_group("training")
     g.add_argument("--output_dir", required=True, help="where checkpoints, samples and the model go")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--train_batch_size", type=int, default=d.train_batch_size, help="per process")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=d.gradient_accumulation_steps)
+    g.add_argument("--seed", type=integer(0, 2**32 - 1), default=d.seed)  # numpy's seeds are 32-bit
+    g.add_argument("--train_batch_size", type=integer(1), default=d.train_batch_size, help="per process")
+    g.add_argument("--gradient_accumulation_steps", type=integer(1), default=d.gradient_accumulation_steps)
     g.add_argument("--learning_rate", type=float, default=d.learning_rate)
     g.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default=d.lr_scheduler)
     g.add_argument("--lr_warmup_steps", type=int, default=d.lr_warmup_steps)
-    g.add_argument("--max_train_steps", type=int, default=d.max_train_steps)
+    g.add_argument("--max_train_steps", type=integer(1), default=d.max_train_steps)
     g.add_argument(
         "--lr_schedule_steps",
         type=int,
@@ -185,15 +208,24 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> None:
         default=d.save_dtype,
         help="type the final model's weights are stored in (float16: half the size); checkpoints stay float32",
     )
-    g.add_argument("--checkpointing_steps", type=int, default=d.checkpointing_steps)
-    g.add_argument("--checkpoints_total_limit", type=int, default=d.checkpoints_total_limit)
+    g.add_argument("--checkpointing_steps", type=integer(1), default=d.checkpointing_steps)
+    g.add_argument(
+        "--checkpoints_total_limit", type=integer(1), default=d.checkpoints_total_limit, help="checkpoints kept"
+    )
     g.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint folder, or "latest"')
     g.add_argument(
-        "--validation_steps", type=int, default=d.validation_steps, help="sample grid / validation every N steps"
+        "--validation_steps", type=integer(1), default=d.validation_steps, help="sample grid / validation every N steps"
     )
-    g.add_argument("--logging_steps", type=int, default=d.logging_steps)
+    g.add_argument("--logging_steps", type=integer(1), default=d.logging_steps)
     g.add_argument("--report_to", choices=TRACKERS, default=d.report_to)
     g.add_argument("--detect_anomaly", action="store_true", help="torch.autograd anomaly detection (slow)")
+    g.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="recompute each block's activations in the backward pass instead of keeping them: less memory, "
+        "about a third more compute",
+    )
+    g.add_argument("--compile", action="store_true", help="run the model through torch.compile (first steps slower)")
     parser.set_defaults(**defaults)
 
 
@@ -262,6 +294,15 @@ def make_optimizer(model: nn.Module, settings: TrainingConfig) -> torch.optim.Ad
         eps=settings.adam_epsilon,
         fused=True,
     )
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Turn on activation checkpointing in every part of `model` that offers it (`set_gradient_checkpointing`)."""
+    parts = [m for m in model.modules() if hasattr(m, "set_gradient_checkpointing")]
+    if not parts:
+        raise ValueError(f"--gradient_checkpointing: {type(model).__name__} has no blocks to checkpoint")
+    for part in parts:
+        part.set_gradient_checkpointing(True)
 
 
 def describe_groups(model: nn.Module, weight_decay: float) -> str:
@@ -450,12 +491,29 @@ class Trainer:
             project_dir=str(self.output_dir),
         )
         if self.accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            locks.acquire(self.output_dir, "its checkpoints and metrics")  # held until this process ends
+            for leftover in (self.output_dir / "checkpoints").glob(".tmp-*"):  # half-written by a killed run
+                shutil.rmtree(leftover, ignore_errors=True)
             if settings.report_to != "none":
                 tracked = asdict(settings) if hparams is None else hparams
                 self.accelerator.init_trackers(project, config={k: str(v) for k, v in tracked.items()})
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not self.accelerator.is_fsdp2:
+            raise ValueError(
+                "the launch config asks for FSDP, which this Trainer runs as FSDP2 on GPUs only: set fsdp_version: 2 "
+                "(recipes/accelerate/fsdp.yaml), or launch without FSDP on a machine with no GPU"
+            )
+        if self.accelerator.is_fsdp2:
+            if not isinstance(model, PretrainedModel):
+                raise ValueError(f"FSDP trains the prior and the contrastive model, not a {type(model).__name__}")
+            if self.accelerator.state.fsdp_plugin.state_dict_type != StateDictType.SHARDED_STATE_DICT:
+                raise ValueError("FSDP checkpoints are written sharded: set fsdp_state_dict_type: SHARDED_STATE_DICT")
+        self.model_class = type(model)  # FSDP2 changes the model's class in place
         torch.autograd.set_detect_anomaly(settings.detect_anomaly)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # no effect on CPU
+        if settings.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        if settings.compile:
+            model.compile()  # in place: names in the state dict, checkpoints and saved models stay the same
         optimizer = make_optimizer(model, settings)
         self.accelerator.print(describe_groups(model, settings.adam_weight_decay))
         schedule = lr_lambda(
@@ -471,20 +529,46 @@ class Trainer:
         self.hooks = hooks or TrainerHooks()
         self.batch_key = batch_key
         self.stream_position: dict[str, Any] | None = None  # where a resumed stream continues
+        self.gathered: PretrainedModel | None = None  # under FSDP, the trained model in full once `fit` ends
         self.step = 0
 
     @property
     def unwrapped(self) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(self.model)
+        """The model without its wrappers; under FSDP, after `fit`, the full model gathered on the main process."""
+        return self.gathered if self.gathered is not None else self.accelerator.unwrap_model(self.model)
+
+    def full_model(self) -> torch.nn.Module | None:
+        """The model with every weight in full, on the main process (None on the others): the model itself, or
+        under FSDP a copy gathered from every process's shards. Every process must call it."""
+        if not self.accelerator.is_fsdp2:
+            return self.unwrapped
+        state = self.accelerator.get_state_dict(self.model)  # gathered on the main process only
+        if not self.accelerator.is_main_process:
+            return None
+        model = self.model_class(self.unwrapped.config)
+        model.load_state_dict(state, strict=True)
+        return model.to(self.accelerator.device)
 
     # ------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> Path:
-        """Write `checkpoints/checkpoint-{step}` atomically; keep at most `checkpoints_total_limit`."""
+        """Write `checkpoints/checkpoint-{step}` atomically; keep at most `checkpoints_total_limit`. A write
+        that fails (a full disk) leaves nothing of the new checkpoint and raises CheckpointWriteError."""
+        final = self.output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{self.step}"
+        tmp = final.parent / f".tmp-{final.name}"  # never listed as a checkpoint
+        try:
+            return self._write_checkpoint(final, tmp)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            last = list_checkpoints(self.output_dir)
+            kept = f"the last checkpoint, {last[-1]}, is complete and good" if last else "no checkpoint was kept"
+            raise CheckpointWriteError(
+                f"could not write {final.name} at step {self.step} ({err.strerror or err}; is the disk full?); {kept}:"
+                " free some space and run again with --resume_from_checkpoint latest"
+            ) from err
+
+    def _write_checkpoint(self, final: Path, tmp: Path) -> Path:
         acc = self.accelerator
-        folder = self.output_dir / "checkpoints"
-        final = folder / f"{CHECKPOINT_PREFIX}{self.step}"
-        tmp = folder / f".tmp-{final.name}"  # never listed as a checkpoint
         if acc.is_main_process:
             if tmp.exists():  # left by a run killed mid-write
                 shutil.rmtree(tmp)
@@ -498,12 +582,16 @@ class Trainer:
         if self.stream is not None:
             position = json.dumps(self.stream.position)
             (tmp / f"data-{acc.process_index}.json").write_text(position, encoding="utf-8")
-        if acc.is_main_process:
+        if acc.is_fsdp2:  # every process writes its shards of the weights and of the optimizer state
+            save_fsdp_model(acc.state.fsdp_plugin, acc, self.model, tmp)
+            save_fsdp_optimizer(acc.state.fsdp_plugin, acc, self.optimizer, self.model, tmp)
+        elif acc.is_main_process:
             if isinstance(self.unwrapped, PretrainedModel):  # a checkpoint is then also a loadable model
                 self.unwrapped.write_files(tmp)
             else:
                 save_state_dict(self.unwrapped.state_dict(), tmp / "model.safetensors")
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        if acc.is_main_process:
             state = {
                 "step": self.step,
                 "num_processes": acc.num_processes,
@@ -515,7 +603,7 @@ class Trainer:
             missing = [r for r in range(acc.num_processes) if not (tmp / f"rng-{r}.json").is_file()]
             if missing:
                 raise ValueError(f"the checkpoint files of processes {missing} are not in {tmp}: {SHARED_OUTPUT}")
-            for f in tmp.iterdir():
+            for f in (f for f in tmp.rglob("*") if f.is_file()):  # FSDP shards lie in subfolders
                 with open(f, "rb") as handle:
                     os.fsync(handle.fileno())
             if final.exists():
@@ -543,14 +631,22 @@ class Trainer:
             if not (path / "trainer_state.json").is_file():
                 raise ValueError(f"--resume_from_checkpoint {spec}: not a checkpoint folder")
         state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-        self.unwrapped.load_state_dict(load_file(path / "model.safetensors"), strict=True)
-        optimizer = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
-        try:
-            self.optimizer.load_state_dict(optimizer)
-        except ValueError as err:  # e.g. written by an optimizer with one parameter group for every weight
-            raise ValueError(
-                f"--resume_from_checkpoint {path}: its optimizer state does not fit this model ({err})"
-            ) from err
+        if self.accelerator.is_fsdp2 != (path / f"{FSDP_MODEL_NAME}_0").is_dir():
+            written = "with" if self.accelerator.is_fsdp2 else "without"
+            raise ValueError(f"--resume_from_checkpoint {path}: written {written} FSDP; resume it the way it was run")
+        if self.accelerator.is_fsdp2:
+            plugin = self.accelerator.state.fsdp_plugin
+            load_fsdp_model(plugin, self.accelerator, self.model, path)
+            load_fsdp_optimizer(plugin, self.accelerator, self.optimizer, self.model, path)
+        else:
+            self.unwrapped.load_state_dict(load_file(path / "model.safetensors"), strict=True)
+            optimizer = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+            try:
+                self.optimizer.load_state_dict(optimizer)
+            except ValueError as err:  # e.g. written by an optimizer with one parameter group for every weight
+                raise ValueError(
+                    f"--resume_from_checkpoint {path}: its optimizer state does not fit this model ({err})"
+                ) from err
         self.scheduler.load_state_dict(state["scheduler"])
         rank = self.accelerator.process_index
         if state["num_processes"] == self.accelerator.num_processes:
@@ -642,7 +738,8 @@ class Trainer:
                 now = time.perf_counter()
                 seconds = (now - timed_from) / (self.step - timed_since)
                 timed_from, timed_since = now, self.step
-                logs = {"loss": loss.detach(), **logs, "lr": self.scheduler.get_last_lr()[0]}
+                global_loss = acc.reduce(loss.detach(), reduction="mean")  # the mean over every process
+                logs = {"loss": global_loss, **logs, "lr": self.scheduler.get_last_lr()[0]}
                 if self.stream is not None:
                     logs["skipped"] = self.stream.report().skipped.total()
                 logs = {k: float(v) for k, v in logs.items()}  # tensors are read only here, once per log
@@ -653,6 +750,8 @@ class Trainer:
                 self.save_checkpoint()
             self.run_hooks(final=self.step == settings.max_train_steps)
         bar.close()
+        if acc.is_fsdp2:
+            self.gathered = self.full_model()
         acc.end_training()
 
     def skipped(self, before: SkipReport) -> dict[str, int]:
@@ -677,10 +776,10 @@ class Trainer:
 
     def run_hooks(self, final: bool = False) -> None:
         due = [fn for every, fn in self.hooks.every if final or self.step % every == 0]
+        model = self.full_model() if due else None  # under FSDP, every process takes part in gathering it
         if not due or not self.accelerator.is_main_process:
             self.accelerator.wait_for_everyone()
             return
-        model = self.unwrapped
         model.eval()
         with torch.no_grad():
             for fn in due:
@@ -721,10 +820,21 @@ def write_eval(output_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
     return metrics
 
 
+def require_validation(rows: Sized) -> None:
+    """Refuse, at the start, data whose validation split is empty: every stage evaluates the trained model on it."""
+    if len(rows) == 0:
+        raise ValueError(
+            "the data has no validation rows, and every stage evaluates on them: give more rows, a larger "
+            "--validation_fraction, a validation/ folder or --validation_shards"
+        )
+
+
 def run_script(main: Callable[[], Any], name: str) -> None:
-    """Run a training script's `main`; a ValueError (a bad flag, unusable data) is one line and exit status 2."""
+    """Run a training script's `main`; a ValueError (a bad flag, unusable data, a folder in use), a NaN loss or a
+    checkpoint that cannot be written is one line and exit status 2."""
     try:
         main()
-    except ValueError as err:
+    except (ValueError, NonFiniteLossError, CheckpointWriteError) as err:
+        close_progress_bars()
         print(f"{name}: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -19,6 +19,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+from torch import nn
 
 from common.config import Config, ConfigError
 from common.hub import PretrainedModel
@@ -85,8 +86,25 @@ PRESETS: dict[str, ContrastiveConfig] = {
 }  # fmt: skip
 
 
+LOGIT_SCALE = "clip.logit_scale"
+
+
+def _saved_logit_scale(module: nn.Module, state: dict, prefix: str, local_metadata: dict) -> None:
+    """The temperature as the scalar that saved models hold (a shard of FSDP's stays as it is)."""
+    value = state.get(prefix + LOGIT_SCALE)
+    if type(value) is torch.Tensor:
+        state[prefix + LOGIT_SCALE] = value.reshape(())
+
+
+def _loaded_logit_scale(module: nn.Module, state: dict, prefix: str, *args) -> None:
+    value = state.get(prefix + LOGIT_SCALE)
+    if type(value) is torch.Tensor and value.numel() == 1:
+        state[prefix + LOGIT_SCALE] = value.reshape(1)
+
+
 class ContrastiveModel(PretrainedModel):
     config_class = ContrastiveConfig
+    _no_split_modules = ["ResidualAttentionBlock"]  # the unit FSDP shards and gathers one at a time
 
     def __init__(self, config: ContrastiveConfig) -> None:
         super().__init__(config)
@@ -105,6 +123,10 @@ class ContrastiveModel(PretrainedModel):
             layers=config.text_layers,
         )
         self.clip = open_clip.CLIP(config.embed_dim, vision, text, init_logit_scale=config.init_logit_scale)
+        # FSDP2 shards only tensors with a dimension: the temperature is held as (1,) and saved as a scalar, as always
+        self.clip.logit_scale = nn.Parameter(self.clip.logit_scale.detach().reshape(1))
+        self.register_state_dict_post_hook(_saved_logit_scale)
+        self.register_load_state_dict_pre_hook(_loaded_logit_scale)
         self.tokenizer = open_clip.SimpleTokenizer(context_length=config.context_length)
 
     @property
@@ -141,8 +163,12 @@ class ContrastiveModel(PretrainedModel):
         x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask))
         return x, tokens != PAD_ID
 
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute each transformer block's activations in the backward pass (open_clip's own switch)."""
+        self.clip.set_grad_checkpointing(enabled)
+
     def logit_scale(self) -> torch.Tensor:
-        return self.clip.logit_scale.clamp(max=math.log(self.config.max_logit_scale)).exp()
+        return self.clip.logit_scale.clamp(max=math.log(self.config.max_logit_scale)).exp().reshape(())
 
     def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.encode_image(pixels), self.encode_text(tokens), self.logit_scale()

@@ -29,7 +29,15 @@ from accelerate.utils import set_seed
 
 from common.cli import ArgumentParser
 from common.data import DataConfig, collate, load_image_text
-from common.training import Trainer, TrainerHooks, TrainingConfig, add_training_args, run_script, write_eval
+from common.training import (
+    Trainer,
+    TrainerHooks,
+    TrainingConfig,
+    add_training_args,
+    require_validation,
+    run_script,
+    write_eval,
+)
 from contrastive.evaluate import caption_key, retrieval_metrics
 from contrastive.model import PRESETS, ContrastiveModel
 
@@ -104,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
     settings = TrainingConfig.from_args(args)  # refuses bad training flags before the data is read
     set_seed(args.seed)
     data = load_image_text(DataConfig.from_args(args), seed=args.seed)
+    require_validation(data.validation)
     config = PRESETS[args.preset].replace({"resolution": args.resolution}).replace_json(args.model_config)
     model = ContrastiveModel(config)
     output_dir = Path(args.output_dir)

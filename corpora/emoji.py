@@ -506,7 +506,11 @@ def _cli(args: argparse.Namespace) -> None:
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add `emoji` to the subcommands of `vqclip data`."""
     parser = subparsers.add_parser("emoji", help="render emoji in several art styles as an imagefolder")
-    parser.add_argument("--out", required=True, help="output folder (train/ and validation/ go in it)")
+    from common.cli import output_folder
+
+    parser.add_argument(
+        "--out", type=output_folder, required=True, help="output folder (train/ and validation/ go in it)"
+    )
     parser.add_argument("--styles", default=",".join(STYLES), help="comma-separated, from the default ones")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument(

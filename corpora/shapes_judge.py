@@ -362,7 +362,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     judge = subparsers.add_parser("judge", help="train or check the shapes-world attribute classifier")
     commands = judge.add_subparsers(dest="judge_command", required=True)
     fit = commands.add_parser("train", help="train a judge on fresh renders")
-    fit.add_argument("--out", required=True, help="model directory to write")
+    from common.cli import output_folder
+
+    fit.add_argument("--out", type=output_folder, required=True, help="model directory to write")
     fit.add_argument("--steps", type=int, default=800)
     fit.add_argument("--batch-size", type=int, default=128)
     fit.add_argument("--seed", type=int, default=0)

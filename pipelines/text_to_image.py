@@ -375,9 +375,10 @@ class TextToImagePipeline:
         other code kept. Sampling settings, `generator` and `num_images_per_prompt` work as in generation.
 
         The prior draws the redrawn codes in raster order without seeing the kept codes after them, so each
-        image is the best of `num_candidates` drawings ranked with the prior's likelihood of the whole grid, the
-        kept codes after the region included: the drawing that fits what follows wins.
-        `fit_what_follows=False` ranks by the likelihood of the redrawn codes alone (a plain causal edit). With
+        image is the best of `num_candidates` drawings, and the likelihood that rerankers weigh
+        (`rerank="contrastive+likelihood"`) is the prior's likelihood of the whole grid, the kept codes after the
+        region included: the drawing that fits what follows wins. `fit_what_follows=False` weighs the likelihood
+        of the redrawn codes alone (a plain causal edit). With
         `blend` the images equal the input outside the mask, joined to the redrawn part by a soft edge
         `BLEND_EDGE` pixels wide; `blend=False` returns the tokenizer's drawing of the whole grid. `out.scores`
         and `out.log_likelihoods` are those the candidates were ranked by. `callback` works as in generation."""

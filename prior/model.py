@@ -2,8 +2,11 @@
 
 The sequence is `[text prefix (T)] [start] [code_0 ... code_{N-2}]`, and the model predicts `code_0 ...
 code_{N-1}` from the last N positions. The prefix is the frozen contrastive text encoder's per-token
-features, projected to the model width; its padding positions are masked out. Code positions carry a
-learned row embedding plus a learned column embedding, so the model knows the grid's 2-D layout.
+features, projected to the model width; its padding positions are masked out. Code positions know the grid's
+2-D layout in one of two ways (`positions`): a learned row embedding plus a learned column embedding
+("learned"), or 2-D rotary embeddings ("rope2d": half of each attention head's dimensions rotate with the
+code's row, half with its column), which hold no table sized by the grid, so the same weights run at any grid
+size.
 
 During training the prefix of a random `cond_drop_prob` fraction of rows is replaced by a learned null
 condition, which makes classifier-free guidance possible at sampling time. `generate` decodes with a
@@ -22,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from common.config import Config, ConfigError
+from common.config import Config, ConfigError, added_field
 from common.hub import PretrainedModel
 from prior.prepack import Linear, prepacked
 
@@ -41,6 +45,7 @@ class PriorConfig(Config):
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     cond_drop_prob: float = 0.1
+    positions: str = added_field("learned")  # one of POSITIONS
 
     limits = {
         "codebook_size": (2, 65536),
@@ -59,17 +64,28 @@ class PriorConfig(Config):
         super().validate()
         if self.dim % self.heads:
             raise ConfigError(f"config field 'dim': {self.dim} is not a multiple of heads ({self.heads})")
+        if self.positions not in POSITIONS:
+            raise ConfigError(f"config field 'positions': {self.positions!r} is not one of {', '.join(POSITIONS)}")
+        if self.positions == "rope2d" and (self.dim // self.heads) % 4:
+            raise ConfigError(
+                f"config field 'positions': rope2d needs a head width (dim / heads = {self.dim // self.heads}) "
+                "that is a multiple of 4"
+            )
 
     @property
     def num_codes(self) -> int:
         return self.grid_size**2
 
 
+POSITIONS = ("learned", "rope2d")
+ROPE_BASE = 10000.0
+
 PRESETS: dict[str, PriorConfig] = {
     "tiny": PriorConfig(codebook_size=16, grid_size=4, text_width=32, text_length=16, dim=32, layers=2, heads=2),
     "small": PriorConfig(dim=256, layers=4, heads=8),
     "base": PriorConfig(dim=512, layers=8, heads=8),
-    "large": PriorConfig(dim=768, layers=12, heads=12),
+    "large": PriorConfig(dim=768, layers=12, heads=12, positions="rope2d"),  # LlamaGen's GPT-B shape
+    "xl": PriorConfig(dim=1024, layers=24, heads=16, positions="rope2d"),  # LlamaGen's GPT-L shape
 }
 
 
@@ -87,6 +103,27 @@ class KVCache:
         self.length = 0
 
 
+def rope_tables(c: PriorConfig) -> torch.Tensor:
+    """(2, T + N, head_dim / 2): cosines and sines of the rotation angle of each dimension pair at each position.
+    Text positions do not rotate; code position i (row i // grid_size, column i % grid_size) rotates its first
+    half of pairs by row * frequency and its second half by column * frequency."""
+    quarter = c.dim // c.heads // 4
+    freqs = ROPE_BASE ** -(torch.arange(quarter, dtype=torch.float64) / quarter)
+    index = torch.arange(c.num_codes)
+    grid = torch.stack([index // c.grid_size, index % c.grid_size], dim=1).double()  # (N, 2) row, column
+    angles = rearrange(grid[:, :, None] * freqs, "n a f -> n (a f)")  # (N, head_dim / 2)
+    angles = torch.cat([angles.new_zeros(c.text_length, 2 * quarter), angles])
+    return torch.stack([angles.cos(), angles.sin()]).float()
+
+
+def rotate(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """x (B, h, n, d) with pair (x[..., i], x[..., d/2 + i]) rotated by the angle whose cos/sin `rope` (2, n, d/2)
+    holds."""
+    cos, sin = rope.to(x.dtype)
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
+
+
 class Attention(nn.Module):
     def __init__(self, c: PriorConfig) -> None:
         super().__init__()
@@ -96,10 +133,17 @@ class Attention(nn.Module):
         self.dropout = c.dropout
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        rope: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, h, n, d)
+        if rope is not None:  # (2, n, d / 2): the rotations of these n positions
+            q, k = rotate(q, rope), rotate(k, rope)
         if cache is not None:  # write this step's keys/values, attend over everything so far
             start, end = cache.length, cache.length + x.shape[1]
             cache.k[layer][:, :, start:end] = k
@@ -119,8 +163,15 @@ class Block(nn.Module):
         hidden = int(c.dim * c.mlp_ratio)
         self.mlp = nn.Sequential(Linear(c.dim, hidden), nn.GELU(), Linear(hidden, c.dim), nn.Dropout(c.dropout))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None = None, layer: int = 0):
-        x = x + self.attn(self.norm1(x), mask, cache, layer)
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        rope: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), mask, cache, layer, rope)
         return x + self.mlp(self.norm2(x))
 
 
@@ -176,17 +227,22 @@ class Generation:
 
 class Prior(PretrainedModel):
     config_class = PriorConfig
+    _no_split_modules = ["Block"]  # the unit FSDP shards and gathers one at a time
 
     def __init__(self, config: PriorConfig) -> None:
         super().__init__(config)
         c = config
+        self.gradient_checkpointing = False
         self.text_proj = Linear(c.text_width, c.dim)
         self.null_text = nn.Parameter(torch.randn(c.text_length, c.dim) * 0.02)
         self.text_pos = nn.Parameter(torch.randn(c.text_length, c.dim) * 0.02)
         self.code_embed = nn.Embedding(c.codebook_size, c.dim)
         self.start = nn.Parameter(torch.randn(c.dim) * 0.02)
-        self.row_pos = nn.Parameter(torch.randn(c.grid_size, c.dim) * 0.02)
-        self.col_pos = nn.Parameter(torch.randn(c.grid_size, c.dim) * 0.02)
+        if c.positions == "learned":
+            self.row_pos = nn.Parameter(torch.randn(c.grid_size, c.dim) * 0.02)
+            self.col_pos = nn.Parameter(torch.randn(c.grid_size, c.dim) * 0.02)
+        else:  # computed, not saved
+            self.register_buffer("rope", rope_tables(c), persistent=False)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.layers))
         self.norm = nn.LayerNorm(c.dim)
         self.head = Linear(c.dim, c.codebook_size, bias=False)
@@ -203,8 +259,15 @@ class Prior(PretrainedModel):
 
     # ------------------------------------------------------------ pieces
 
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them (training only)."""
+        self.gradient_checkpointing = enabled
+
     def _code_positions(self) -> torch.Tensor:
-        """(N, dim): row embedding + column embedding of each code in raster order."""
+        """(N, dim) added to the code inputs: row embedding + column embedding of each code in raster order
+        (zeros under rope2d, whose positions act inside attention)."""
+        if self.config.positions != "learned":
+            return self.start.new_zeros(self.config.num_codes, self.config.dim)
         return rearrange(self.row_pos[:, None] + self.col_pos[None, :], "h w d -> (h w) d")
 
     def condition(
@@ -234,9 +297,18 @@ class Prior(PretrainedModel):
         return causal[None, None] & key_mask[:, None, None, :]
 
     def _run(self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Run the blocks on `x` (B, n, dim) with attention mask (B, 1, n, keys); returns logits (B, n, K)."""
+        """Run the blocks on `x` (B, n, dim), the sequence positions after those in `cache`, with attention mask
+        (B, 1, n, keys); returns logits (B, n, K)."""
+        rope = None
+        if self.config.positions == "rope2d":
+            first = cache.length if cache is not None else 0
+            rope = self.rope[:, first : first + x.shape[1]]
+        recompute = self.gradient_checkpointing and cache is None and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x, mask, cache, i)
+            if recompute:
+                x = checkpoint(block, x, mask, None, i, rope, use_reentrant=False)
+            else:
+                x = block(x, mask, cache, i, rope)
         if cache is not None:
             cache.length += x.shape[1]
         return self.head(self.norm(x))

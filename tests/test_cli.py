@@ -67,7 +67,11 @@ def test_training_scripts_show_their_defaults(module, capsys):
         ["generate", "a red ball", "--model", "m", "--device", "cuda:1"],
     ],
 )
-def test_commands_that_run_models_take_device(argv):
+def test_commands_that_run_models_take_device(argv, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a machine with two GPUs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert build_parser(argv).parse_args(argv).device == "cuda:1"
     assert build_parser(argv[:1]).parse_args(argv[:-2]).device == "cpu"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import types
@@ -17,6 +16,7 @@ from PIL import Image
 
 from app import cli
 from app import search as search_cli
+from common.cli import ArgumentParser
 from common.config import Config
 from common.data import DataConfig, Reason, load_image_text
 from common.hub import ModelLoadError, PretrainedModel
@@ -294,11 +294,14 @@ def test_an_index_refuses_another_model(model, images, tmp_path):
 
 def _run_cli(monkeypatch, argv: list[str]) -> int:
     """`app.cli.main(argv)` with the search commands registered and the stub as the contrastive model."""
-    parser = argparse.ArgumentParser(prog="vqclip")
+    parser = ArgumentParser(prog="vqclip")
     search_cli.add_cli(parser.add_subparsers(dest="command", required=True))
     monkeypatch.setattr(cli, "build_parser", lambda argv: parser)
     monkeypatch.setitem(sys.modules, "contrastive.model", types.SimpleNamespace(ContrastiveModel=StubModel))
-    return cli.main(argv)
+    try:
+        return cli.main(argv)
+    except SystemExit as exit_:  # a flag refused as it is parsed
+        return exit_.code
 
 
 def test_cli_end_to_end(model, tmp_path, monkeypatch, capsys):
@@ -329,7 +332,7 @@ def test_cli_end_to_end(model, tmp_path, monkeypatch, capsys):
     [
         (["search", "--index", "{tmp}/missing", "red"], "is not an index folder"),
         (["search", "--index", "{tmp}/index"], "give either a text query"),
-        (["search", "--index", "{tmp}/index", "red", "-k", "0"], "k must be"),
+        (["search", "--index", "{tmp}/index", "red", "-k", "0"], "argument -k: must be an integer at least 1"),
         (["search", "--index", "{tmp}/unrecorded", "red"], "does not record its model folder"),
         (["index", "build", "--model", "{tmp}/model", "--images", "{tmp}/empty", "--out", "{tmp}/o"], "no usable"),
     ],
@@ -386,3 +389,26 @@ def test_index_files_symlinked_out_of_the_folder_are_refused(tmp_path, name):
     (directory / name).symlink_to(tmp_path / name)
     with pytest.raises(ModelLoadError, match=rf"{name} leads outside"):
         ImageIndex.load(directory)
+
+
+def test_two_index_adds_at_once_are_refused(model, images, tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    model.save_pretrained(tmp_path / "model")
+    ImageIndex.build(model, images, model_dir=tmp_path / "model", progress=False).save(tmp_path / "index")
+    hold = "import sys, time; from common import locks; locks.acquire(sys.argv[1]); print('held', flush=True); "
+    root = Path(__file__).resolve().parents[1]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold + "time.sleep(60)", str(tmp_path / "index")], cwd=root, stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        assert _run_cli(monkeypatch, ["index", "add", "--index", str(tmp_path / "index"), "--images", str(images)]) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("vqclip index: error: ") and f"is in use by process {holder.pid}" in err
+    assert len(ImageIndex.load(tmp_path / "index")) == 5  # untouched; once the holder is gone, an add works:
+    assert _run_cli(monkeypatch, ["index", "add", "--index", str(tmp_path / "index"), "--images", str(images)]) == 0
+    assert len(ImageIndex.load(tmp_path / "index")) == 10

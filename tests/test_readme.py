@@ -7,9 +7,9 @@ Marks are HTML comments on the lines just before a block, so nobody reading the 
     <!-- readme: smoke OLD => NEW -->   run with every OLD replaced by NEW (OLD must occur in the block)
     <!-- readme: timeout SECONDS -->    this block's time limit (default 300 s: it catches a hang, not slowness)
 
-The fresh folder mirrors the repository with links to its files, so what a block writes (data/, runs/,
-models/mine, grid.png) lands in the folder and never in the repository, and `.venv` is the running Python's
-environment. Bash blocks run with `set -euo pipefail` and that environment's bin/ first on PATH, as after
+The fresh folder is a copy of the repository (30 MB, without the outputs of earlier runs), so what a block writes
+(data/, runs/, models/mine, grid.png) never lands in the repository, and its `.venv` links to the running
+Python's environment. Bash blocks run with `set -euo pipefail` and that environment's bin/ first on PATH, as after
 `source .venv/bin/activate`; each python block runs in its own interpreter.
 """
 
@@ -31,7 +31,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TIMEOUT_S = 300
 # What a fresh clone lacks: outputs of earlier runs, caches and the environment (linked separately).
-NOT_MIRRORED = {".git", ".venv", "data", "runs", "outputs", "cache", "build", "dist"}
+NOT_COPIED = {".git", ".venv", "data", "runs", "outputs", "cache", "build", "dist"}
 MARK = re.compile(r"<!--\s*readme:\s*(.*?)\s*-->")
 FENCE = re.compile(r"^```(\w*)\s*$")
 
@@ -103,21 +103,15 @@ def apply_mark(block: Block, mark: str) -> None:
         raise ValueError(f"{block.where}: unknown readme mark {mark!r}")
 
 
-def mirror(repo: Path, folder: Path) -> None:
-    """Recreate the repository's folders under `folder`, each file a link to the repository's."""
+def copy_checkout(repo: Path, folder: Path) -> None:
+    """Copy the repository's files into `folder`, as a fresh clone holds them."""
     for source in repo.iterdir():
-        if source.name in NOT_MIRRORED or source.name.startswith((".pytest", ".ruff")):
+        if source.name in NOT_COPIED or source.name.startswith((".pytest", ".ruff")):
             continue
-        target = folder / source.name
         if source.is_dir():
-            shutil.copytree(
-                source,
-                target,
-                copy_function=os.symlink,
-                ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"),
-            )
+            shutil.copytree(source, folder / source.name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         else:
-            target.symlink_to(source)
+            shutil.copy2(source, folder / source.name)
     (folder / ".venv").symlink_to(Path(sys.prefix))
 
 
@@ -214,7 +208,7 @@ def test_the_page_runs_top_to_bottom(document, tmp_path):
         assert sum(not block.skip for block in blocks) >= 10, "the README harness found too few blocks to run"
     folder = tmp_path / "clone"
     folder.mkdir()
-    mirror(REPO, folder)
+    copy_checkout(REPO, folder)
     env = block_env(folder)
     for block in blocks:
         if not block.skip:

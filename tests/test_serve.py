@@ -57,9 +57,9 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def slow_server(tmp_path_factory):
-    """A server whose model takes about 10 ms a drawing step and whose queue holds one request."""
+    """A server whose model takes over 30 ms a drawing step (15 s for BIG) and whose queue holds one request."""
     pipe = _pipe()
-    pipe.prior.blocks[0].register_forward_pre_hook(lambda module, args: time.sleep(0.01))
+    pipe.prior.blocks[0].register_forward_pre_hook(lambda module, args: time.sleep(0.03))
     demo, _ = _start(pipe, tmp_path_factory, queue_size=1)
     yield demo
     demo.close()
@@ -107,6 +107,50 @@ def test_search_by_text_and_by_picture(server):
     by_picture, summary = client.predict("", handle_file(str(copy)), 3, api_name="/search")
     assert len(by_picture) == 3 and "uploaded picture" in summary
     assert float(by_picture[0]["caption"].split(" · ")[0]) == pytest.approx(1.0, abs=1e-3)  # itself
+
+
+def _editor(background, layer=None) -> dict:
+    return {"background": handle_file(str(background)), "layers": [handle_file(str(layer))] if layer else [],
+            "composite": None}  # fmt: skip
+
+
+def test_edit_with_a_box_or_a_painted_region_gives_the_python_api_edits(server, tmp_path):
+    pipe, _, client, world = server
+    picture = tmp_path / "picture.png"
+    shutil.copy(sorted((world / "shapes" / "train").glob("*.png"))[0], picture)
+    layer = np.zeros((64, 64, 4), np.uint8)
+    layer[40:, 8:30] = (255, 0, 255, 255)  # painted strokes: opaque where drawn, transparent elsewhere
+    Image.fromarray(layer).save(tmp_path / "layer.png")
+    settings = dict(num_images_per_prompt=2, guidance_scale=2.0, temperature=0.9, top_k=10, top_p=0.95,
+                    num_candidates=2, rerank="contrastive+likelihood", show_progress=False)  # fmt: skip
+    for editor, box, region in [
+        (_editor(picture), (0, 32, 64, 64), (0, 32, 64, 64)),
+        (_editor(picture, tmp_path / "layer.png"), (0, 0, 0, 0), layer[..., 3] > 0),
+    ]:
+        shown, status = client.predict(editor, "a red star", *REQUEST[1:], *box, api_name="/edit")
+        expected = pipe.edit(Image.open(picture), region, "a red star", generator=torch.Generator().manual_seed(7),
+                             **settings)  # fmt: skip
+        assert len(shown) == 3 and shown[0]["caption"] == "the picture" and "seed **7**" in status
+        assert np.array_equal(_pixels(shown[0]["image"]), _pixels(picture))
+        for edited, image in zip(shown[1:], expected.images, strict=True):
+            assert np.array_equal(_pixels(edited["image"]), np.asarray(image))
+
+
+def test_bad_edit_requests_get_a_message(server, bad_files, tmp_path):
+    _, _, client, world = server
+    picture = tmp_path / "picture.png"
+    shutil.copy(sorted((world / "shapes" / "train").glob("*.png"))[0], picture)
+    cases = [
+        (None, (0, 0, 0, 0), "upload a picture to edit first"),
+        (_editor(picture), (0, 0, 0, 0), "paint the region to redraw, or give a box"),
+        (_editor(picture), (0, 0, 100, 64), "reaches outside the 64x64 picture"),
+        (_editor(picture), (0, 0, 1e9, 64), "the box's right must be a number from 0 to 4096"),
+        (_editor(bad_files / "huge.png"), (0, 0, 8, 8), "no usable picture \\(image too large\\)"),
+        (_editor(picture, bad_files / "notes.png"), (0, 0, 8, 8), "the painted region is not a picture"),
+    ]
+    for editor, box, message in cases:
+        with pytest.raises(AppError, match=message):
+            client.predict(editor, "a red star", *REQUEST[1:], *box, api_name="/edit")
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +211,13 @@ def test_uploads_are_capped_and_no_server_file_is_readable(server):
     assert outcome["success"] is False and "blocked" in outcome["output"]["error"]
 
 
+def test_no_request_skips_the_queue(server):
+    _, demo, _, _ = server
+    for route in ("run/generate", "api/generate"):
+        answer = httpx.post(f"{demo.local_url}gradio_api/{route}", json={"data": list(REQUEST)})
+        assert answer.status_code == 404 and "join the queue" in answer.text
+
+
 def _completed(url: str, session_hash: str) -> dict:
     with httpx.stream("GET", f"{url}gradio_api/queue/data", params={"session_hash": session_hash}, timeout=30) as s:
         for line in s.iter_lines():
@@ -190,7 +241,7 @@ def test_bad_command_line_is_one_line_and_exit_2(tmp_path, capsys):
     assert err.startswith("vqclip serve: error:") and err.count("\n") == 1
 
 
-BIG = ("a blue ball", 16, 1.0, 1.0, 0, 1.0, 16, "contrastive", 0)  # 256 samples: seconds on the slow server
+BIG = ("a blue ball", 16, 1.0, 1.0, 0, 1.0, 16, "contrastive", 0)  # 256 samples: 8 batches of 64 drawing steps
 
 
 def _wait_for(condition, seconds: float = 20.0) -> None:
@@ -201,8 +252,8 @@ def _wait_for(condition, seconds: float = 20.0) -> None:
 
 
 def _stops(worker) -> None:
-    """The model call stops within a second and frees the model."""
-    _wait_for(lambda: not worker.lock.locked(), seconds=1.0)
+    """The model call stops within a few seconds (of the 15 it would take) and frees the model."""
+    _wait_for(lambda: not worker.lock.locked(), seconds=5.0)
     steps = worker.steps
     time.sleep(0.5)
     assert worker.steps == steps
@@ -245,9 +296,10 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 
 
-def browse(url: str, prompt: str, pictures: int, screenshot, user_data_dir) -> int:
-    """Open the page in headless Chromium, ask for `pictures` pictures of `prompt`, wait for the gallery, save a
-    screenshot; returns the number of pictures the gallery shows."""
+def browse(url: str, prompt: str, pictures: int, screenshot, user_data_dir, edit_box=None) -> dict:
+    """Open the page in headless Chromium, ask for `pictures` pictures of `prompt`, wait for the gallery and save a
+    screenshot. With `edit_box` (left, top, right, bottom), then click the first picture, which opens it in the
+    Edit tab, and redraw that box. Returns how many pictures each gallery shows."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -261,20 +313,36 @@ def browse(url: str, prompt: str, pictures: int, screenshot, user_data_dir) -> i
                  f"--user-data-dir={user_data_dir}", "--window-size=1280,1000"):  # fmt: skip
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+
+    def type_into(selector: str, text: str) -> None:
+        field = driver.find_element(By.CSS_SELECTOR, selector)
+        field.send_keys(Keys.CONTROL, "a")
+        field.send_keys(text, Keys.TAB)
+
+    def shown(gallery: str, status: str, says: str) -> int:
+        wait.until(lambda d: says in d.find_element(By.ID, status).text)
+        drawn = f"return [...document.querySelectorAll('#{gallery} img')].every(i => i.complete && i.naturalWidth > 0)"
+        wait.until(lambda d: d.execute_script(drawn))  # every picture has arrived and is drawn
+        return len(driver.find_elements(By.CSS_SELECTOR, f"#{gallery} img"))
+
     try:
         driver.get(url)
         wait = WebDriverWait(driver, 120)
         box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#prompts textarea"))
         box.clear()
         box.send_keys(prompt)
-        count = driver.find_element(By.CSS_SELECTOR, "#num-images input[type=number]")
-        count.send_keys(Keys.CONTROL, "a")
-        count.send_keys(str(pictures), Keys.TAB)
+        type_into("#num-images input[type=number]", str(pictures))
         driver.find_element(By.CSS_SELECTOR, "#generate").click()
-        wait.until(lambda d: "pictures in" in d.find_element(By.ID, "status").text)
-        shown = len(driver.find_elements(By.CSS_SELECTOR, "#gallery img"))
+        counts = {"generated": shown("gallery", "status", "pictures in")}
         driver.save_screenshot(str(screenshot))
-        return shown
+        if edit_box is not None:
+            driver.find_element(By.CSS_SELECTOR, "#gallery img").click()
+            wait.until(lambda d: d.find_element(By.ID, "edit-button").is_displayed())
+            for name, value in zip(("left", "top", "right", "bottom"), edit_box, strict=True):
+                type_into(f"#box-{name} input", str(value))
+            driver.find_element(By.ID, "edit-button").click()
+            counts["edited"] = shown("edits", "edit-status", "edits with seed")
+        return counts
     finally:
         driver.quit()
 
@@ -285,5 +353,6 @@ def browse(url: str, prompt: str, pictures: int, screenshot, user_data_dir) -> i
 def test_in_a_real_browser(server, tmp_path):
     _, demo, _, _ = server
     screenshot = tmp_path / "serve.png"
-    assert browse(demo.local_url, "a red star in the night sky", 3, screenshot, tmp_path / "profile") == 3
+    counts = browse(demo.local_url, "a red star in the night sky", 3, screenshot, tmp_path / "profile", (0, 8, 16, 16))
+    assert counts == {"generated": 3, "edited": 1 + 4}  # the picture clicked, and its four edits
     assert Image.open(screenshot).size[0] > 0

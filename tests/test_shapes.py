@@ -104,6 +104,19 @@ def test_the_command_builds_the_same_world_at_128_px(tmp_path):
         assert rows[0] == rows[1]
 
 
+def test_render_with_box_gives_the_same_picture_and_the_objects_box():
+    scene = shapes.Scene("red", "star", "sand", "small", "left")
+    image, (left, top, right, bottom) = shapes.render_with_box(scene, 64, np.random.default_rng(3))
+    assert image.tobytes() == shapes.render(scene, 64, np.random.default_rng(3)).tobytes()
+    background = np.round(shapes._background("sand", 64, np.random.default_rng(3)) * 255).astype(np.uint8)
+    changed = (np.asarray(image) != background).any(-1)
+    inside = np.zeros_like(changed)
+    inside[top:bottom, left:right] = True
+    assert changed.any() and not (changed & ~inside).any()  # the object lies within its box
+    edges = changed[top], changed[bottom - 1], changed[:, left], changed[:, right - 1]
+    assert all(edge.any() for edge in edges)  # and touches each of its sides
+
+
 def test_reuse_keeps_a_world_built_alike_and_refuses_one_built_otherwise(tmp_path, capsys):
     from app.cli import main
 

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from common.config import Config, ConfigError, added_field
 from common.hub import PretrainedModel
@@ -183,9 +184,20 @@ def _mid(c: VQVAEConfig, ch: int) -> list[nn.Module]:
     return [ResBlock(ch, ch), AttentionBlock(ch), ResBlock(ch, ch)] if c.mid_attention else [ResBlock(ch, ch)]
 
 
+def run_layers(net: nn.Sequential, x: torch.Tensor, recompute: bool) -> torch.Tensor:
+    """`net(x)`; with `recompute` (training), the residual and attention blocks keep only their inputs and
+    recompute their activations in the backward pass."""
+    if not (recompute and torch.is_grad_enabled()):
+        return net(x)
+    for layer in net:
+        x = checkpoint(layer, x, use_reentrant=False) if isinstance(layer, (ResBlock, AttentionBlock)) else layer(x)
+    return x
+
+
 class Encoder(nn.Module):
     def __init__(self, c: VQVAEConfig) -> None:
         super().__init__()
+        self.gradient_checkpointing = False
         widths = [c.base_channels * m for m in c.channel_mult]
         layers: list[nn.Module] = [nn.Conv2d(c.in_channels, widths[0], 3, padding=1)]
         ch = widths[0]
@@ -199,12 +211,13 @@ class Encoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)  # (B, 3, H, W) -> (B, latent, H/f, W/f)
+        return run_layers(self.net, x, self.gradient_checkpointing)  # (B, 3, H, W) -> (B, latent, H/f, W/f)
 
 
 class Decoder(nn.Module):
     def __init__(self, c: VQVAEConfig) -> None:
         super().__init__()
+        self.gradient_checkpointing = False
         widths = [c.base_channels * m for m in c.channel_mult][::-1]
         top = len(widths) - 1
         ch = widths[0]
@@ -219,7 +232,7 @@ class Decoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z)  # (B, latent, h, w) -> (B, 3, H, W)
+        return run_layers(self.net, z, self.gradient_checkpointing)  # (B, latent, h, w) -> (B, 3, H, W)
 
 
 @dataclass
@@ -408,6 +421,10 @@ class VQVAE(PretrainedModel):
         self.encoder = Encoder(config)
         self.quantizer = VectorQuantizer(config.latent_channels, config.codebook_size, config.codebook_dim, config)
         self.decoder = Decoder(config)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute the encoder's and decoder's block activations in the backward pass (training only)."""
+        self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = enabled
 
     def _check_pixels(self, pixels: torch.Tensor) -> None:
         c = self.config

@@ -192,6 +192,40 @@ def _read_folder(config: DataConfig, report: SkipReport) -> tuple[_Rows, _Rows |
     return read(root / "train"), None if validation is None else read(validation)
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:300] if text else ''}"
+
+
+def looks_like_a_path(name: str) -> bool:
+    """Whether a name that is no existing file or folder can only have been meant as one: a Hub dataset name is
+    `NAME` or `OWNER/NAME` with no file suffix, and its owner is not a local folder (`data/shapez` is a typo)."""
+    parts = name.split("/")
+    return (
+        name.startswith((".", "/", "~"))
+        or name.endswith("/")
+        or len(parts) > 2
+        or os.sep != "/"
+        and os.sep in name
+        or Path(name).suffix.lower() in (*DATASET_FILE_BUILDERS, ".txt", ".tar", *IMAGE_EXTENSIONS)
+        or len(parts) == 2
+        and Path(parts[0]).is_dir()
+    )
+
+
+def _load_hub_dataset(name: str, config_name: str | None, streaming: bool) -> Any:
+    """`datasets.load_dataset(name)` for a name that is no local path; a name that cannot be found says so."""
+    import datasets
+
+    missing = f"{name} is neither an existing file or folder nor a dataset reachable on the Hub"
+    if looks_like_a_path(name):
+        raise ValueError(f"{missing} (it names no Hub dataset; is the path mistyped?)")
+    try:
+        return datasets.load_dataset(name, config_name, streaming=streaming)
+    except (OSError, ValueError) as err:  # ConnectionError, DatasetNotFoundError, HFValidationError
+        raise ValueError(f"{missing} ({_first_line(err)})") from None
+
+
 def load_datasets(config: DataConfig, *, streaming: bool = False) -> dict[str, Any]:
     """The splits of `config.dataset_name` (a hub name, a local data file or folder, or a `save_to_disk` folder):
     `datasets.Dataset`s, or with `streaming` `datasets.IterableDataset`s."""
@@ -209,9 +243,18 @@ def load_datasets(config: DataConfig, *, streaming: bool = False) -> dict[str, A
         builder = DATASET_FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise ValueError(f"--dataset_name {name}: cannot read {path.suffix!r} files")
-        loaded = datasets.load_dataset(builder, data_files=name, streaming=streaming)
-    else:
+        verbosity = datasets.logging.get_verbosity()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a broken file is said once, below, not logged
+        try:
+            loaded = datasets.load_dataset(builder, data_files=name, streaming=streaming)
+        except datasets.exceptions.DatasetGenerationError as err:  # the cause says what is wrong with the file
+            raise ValueError(f"{name} cannot be read as {builder} data: {_first_line(err.__cause__ or err)}") from None
+        finally:
+            datasets.logging.set_verbosity(verbosity)
+    elif path.exists():
         loaded = datasets.load_dataset(name, config.dataset_config_name, streaming=streaming)
+    else:
+        loaded = _load_hub_dataset(name, config.dataset_config_name, streaming)
     if isinstance(loaded, (datasets.Dataset, datasets.IterableDataset)):
         return {"train": loaded}
     return dict(loaded)

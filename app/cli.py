@@ -15,7 +15,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.cli import MAX_SEED, ArgumentParser, add_device_arg, integer, output_file, output_folder
+from common.cli import (
+    MAX_SEED,
+    ArgumentParser,
+    add_device_arg,
+    close_progress_bars,
+    integer,
+    output_file,
+    output_folder,
+)
 from common.data.load import add_format_args
 from common.hub import STORAGE_DTYPES, storage_dtype
 
@@ -25,6 +33,7 @@ COMMANDS = {
     "data": "app.cli",
     "assemble": "app.cli",
     "generate": "app.cli",
+    "edit": "app.cli",
     "judge": "corpora.shapes_judge",
     "reconstruct": "app.reconstruct",
     "index": "app.search",
@@ -306,6 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except (ValueError, OSError) as err:  # a ModelLoadError is a ValueError; OSError: a full disk, a lost file
+        close_progress_bars()
         print(f"vqclip {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from common.cli import add_device_arg, integer, output_file, output_folder
+from common.locks import locked
 from contrastive.index import ImageIndex, SearchHit
 from pipelines.image_search import ImageSearchPipeline
 
@@ -35,14 +36,16 @@ def _build(args: argparse.Namespace) -> None:
 
     model = ContrastiveModel.from_pretrained(args.model, device=args.device)
     index = ImageIndex.empty(model, model_dir=args.model, fp16=args.fp16)
-    _add_images(index, args)
-    print(f"wrote {index.save(args.out)}")
+    with locked(args.out, "the index"):
+        _add_images(index, args)
+        print(f"wrote {index.save(args.out)}")
 
 
 def _add(args: argparse.Namespace) -> None:
-    index = ImageSearchPipeline.from_pretrained(args.model, args.index, device=args.device).index
-    _add_images(index, args)
-    print(f"wrote {index.save(args.index)}")
+    with locked(args.index, "the index"):  # read, extended and written by one command at a time
+        index = ImageSearchPipeline.from_pretrained(args.model, args.index, device=args.device).index
+        _add_images(index, args)
+        print(f"wrote {index.save(args.index)}")
 
 
 def format_hits(hits: Sequence[SearchHit]) -> str:

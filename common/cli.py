@@ -55,6 +55,14 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def close_progress_bars() -> None:
+    """Close the progress bars an error left open, so that the error's line starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
 
 

@@ -92,6 +92,27 @@ def respect_umask(path: str | os.PathLike) -> None:
         item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
 
 
+SAVE_PREFIX = ".tmp-save-"  # a save's temporary folder: .tmp-save-{pid}-{random}
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_saves(directory: str | os.PathLike) -> None:
+    """Remove the temporary folders that saves into `directory` left when their process was killed."""
+    for tmp in Path(directory).glob(f"{SAVE_PREFIX}*"):
+        pid = tmp.name.removeprefix(SAVE_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _running(int(pid)) and tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def atomic_write_files(directory: str | os.PathLike, write: Any, last: str = CONFIG_NAME) -> Path:
     """Call `write(tmp)` to fill a temporary folder inside `directory`, then move its files into place.
 
@@ -100,7 +121,8 @@ def atomic_write_files(directory: str | os.PathLike, write: Any, last: str = CON
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-save-", dir=directory))
+    remove_stale_saves(directory)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{SAVE_PREFIX}{os.getpid()}-", dir=directory))
     try:
         write(tmp)
         files = sorted(tmp.iterdir(), key=lambda f: f.name == last)

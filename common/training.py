@@ -8,7 +8,9 @@
   complete ones. It holds the weights (safetensors), the optimizer (`torch.load(weights_only=True)`),
   the scheduler and trainer state (JSON) and each process's RNG state; nothing is pickled.
 - A NaN or infinite loss stops the run, naming the step, before the optimizer can apply it, so the
-  last checkpoint stays good.
+  last checkpoint stays good; so does a checkpoint that cannot be written (a full disk), which is removed.
+- One run at a time per output folder: the main process holds its lock (`common.locks`), so a second run
+  names the process that has it; a run removes the half-written checkpoints that killed runs left.
 - Weight decay reaches only the matrices that multiply a layer's input (linear, convolution and attention
   projection weights, and free-standing `proj`/`projection` matrices); biases, norm gains, embeddings,
   positional tables, learned rows such as a null condition, codebooks and temperatures are never decayed.
@@ -33,7 +35,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence, Sized
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,8 @@ from torch import nn
 from torch.distributed.fsdp import StateDictType
 from tqdm.auto import tqdm
 
+from common import locks
+from common.cli import close_progress_bars, integer
 from common.data import SkipReport, add_data_args
 from common.data.streams import StreamData, seeded_generator
 from common.hub import (
@@ -71,6 +75,10 @@ SHARED_OUTPUT = "with several machines, --output_dir must be on a filesystem tha
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk); the message names the last complete one."""
 
 
 LR_SCHEDULERS = ("constant", "cosine", "linear")
@@ -169,13 +177,13 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> None:
     d = TrainingConfig
     g = parser.add_argument_group("training")
     g.add_argument("--output_dir", required=True, help="where checkpoints, samples and the model go")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--train_batch_size", type=int, default=d.train_batch_size, help="per process")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=d.gradient_accumulation_steps)
+    g.add_argument("--seed", type=integer(0, 2**32 - 1), default=d.seed)  # numpy's seeds are 32-bit
+    g.add_argument("--train_batch_size", type=integer(1), default=d.train_batch_size, help="per process")
+    g.add_argument("--gradient_accumulation_steps", type=integer(1), default=d.gradient_accumulation_steps)
     g.add_argument("--learning_rate", type=float, default=d.learning_rate)
     g.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default=d.lr_scheduler)
     g.add_argument("--lr_warmup_steps", type=int, default=d.lr_warmup_steps)
-    g.add_argument("--max_train_steps", type=int, default=d.max_train_steps)
+    g.add_argument("--max_train_steps", type=integer(1), default=d.max_train_steps)
     g.add_argument(
         "--lr_schedule_steps",
         type=int,
@@ -200,13 +208,15 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> None:
         default=d.save_dtype,
         help="type the final model's weights are stored in (float16: half the size); checkpoints stay float32",
     )
-    g.add_argument("--checkpointing_steps", type=int, default=d.checkpointing_steps)
-    g.add_argument("--checkpoints_total_limit", type=int, default=d.checkpoints_total_limit)
+    g.add_argument("--checkpointing_steps", type=integer(1), default=d.checkpointing_steps)
+    g.add_argument(
+        "--checkpoints_total_limit", type=integer(1), default=d.checkpoints_total_limit, help="checkpoints kept"
+    )
     g.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint folder, or "latest"')
     g.add_argument(
-        "--validation_steps", type=int, default=d.validation_steps, help="sample grid / validation every N steps"
+        "--validation_steps", type=integer(1), default=d.validation_steps, help="sample grid / validation every N steps"
     )
-    g.add_argument("--logging_steps", type=int, default=d.logging_steps)
+    g.add_argument("--logging_steps", type=integer(1), default=d.logging_steps)
     g.add_argument("--report_to", choices=TRACKERS, default=d.report_to)
     g.add_argument("--detect_anomaly", action="store_true", help="torch.autograd anomaly detection (slow)")
     g.add_argument(
@@ -481,7 +491,9 @@ class Trainer:
             project_dir=str(self.output_dir),
         )
         if self.accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            locks.acquire(self.output_dir, "its checkpoints and metrics")  # held until this process ends
+            for leftover in (self.output_dir / "checkpoints").glob(".tmp-*"):  # half-written by a killed run
+                shutil.rmtree(leftover, ignore_errors=True)
             if settings.report_to != "none":
                 tracked = asdict(settings) if hparams is None else hparams
                 self.accelerator.init_trackers(project, config={k: str(v) for k, v in tracked.items()})
@@ -540,11 +552,23 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> Path:
-        """Write `checkpoints/checkpoint-{step}` atomically; keep at most `checkpoints_total_limit`."""
+        """Write `checkpoints/checkpoint-{step}` atomically; keep at most `checkpoints_total_limit`. A write
+        that fails (a full disk) leaves nothing of the new checkpoint and raises CheckpointWriteError."""
+        final = self.output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{self.step}"
+        tmp = final.parent / f".tmp-{final.name}"  # never listed as a checkpoint
+        try:
+            return self._write_checkpoint(final, tmp)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            last = list_checkpoints(self.output_dir)
+            kept = f"the last checkpoint, {last[-1]}, is complete and good" if last else "no checkpoint was kept"
+            raise CheckpointWriteError(
+                f"could not write {final.name} at step {self.step} ({err.strerror or err}; is the disk full?); {kept}:"
+                " free some space and run again with --resume_from_checkpoint latest"
+            ) from err
+
+    def _write_checkpoint(self, final: Path, tmp: Path) -> Path:
         acc = self.accelerator
-        folder = self.output_dir / "checkpoints"
-        final = folder / f"{CHECKPOINT_PREFIX}{self.step}"
-        tmp = folder / f".tmp-{final.name}"  # never listed as a checkpoint
         if acc.is_main_process:
             if tmp.exists():  # left by a run killed mid-write
                 shutil.rmtree(tmp)
@@ -796,10 +820,21 @@ def write_eval(output_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
     return metrics
 
 
+def require_validation(rows: Sized) -> None:
+    """Refuse, at the start, data whose validation split is empty: every stage evaluates the trained model on it."""
+    if len(rows) == 0:
+        raise ValueError(
+            "the data has no validation rows, and every stage evaluates on them: give more rows, a larger "
+            "--validation_fraction, a validation/ folder or --validation_shards"
+        )
+
+
 def run_script(main: Callable[[], Any], name: str) -> None:
-    """Run a training script's `main`; a ValueError (a bad flag, unusable data) is one line and exit status 2."""
+    """Run a training script's `main`; a ValueError (a bad flag, unusable data, a folder in use), a NaN loss or a
+    checkpoint that cannot be written is one line and exit status 2."""
     try:
         main()
-    except ValueError as err:
+    except (ValueError, NonFiniteLossError, CheckpointWriteError) as err:
+        close_progress_bars()
         print(f"{name}: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -31,7 +31,14 @@ from PIL import Image
 from common.cli import ArgumentParser
 from common.data import DataConfig
 from common.grid import make_grid, to_pil
-from common.training import Trainer, TrainerHooks, TrainingConfig, add_training_args, run_script, write_eval
+from common.training import (
+    Trainer,
+    TrainerHooks,
+    TrainingConfig,
+    add_training_args,
+    run_script,
+    write_eval,
+)
 from contrastive.model import ContrastiveConfig, ContrastiveModel
 from prior.codes import cached_codes
 from prior.model import PRESETS, Prior, PriorConfig, check_sampling_args

@@ -46,3 +46,22 @@ def test_each_stage_trains_on_the_good_rows(bad, tmp_path, capsys, stage):
     steps = [json.loads(line)["step"] for line in (tmp_path / stage / "metrics.jsonl").read_text().splitlines()]
     assert steps[:2] == [1, 2]
     assert (tmp_path / stage / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("stage", ["vqvae", "contrastive", "prior"])
+def test_one_good_row_is_refused_at_the_start_with_the_reason(bad, tmp_path, stage):
+    from PIL import Image
+
+    root, _ = bad
+    data = tmp_path / "one"
+    data.mkdir()
+    Image.new("RGB", (16, 16), "red").save(data / "red.png")
+    rows = [{"file_name": "red.png", "text": "a red square"}, {"file_name": "gone.png", "text": "a missing one"}]
+    (data / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = [*_common(data, tmp_path / stage), "--train_batch_size", "1"]
+    with pytest.raises(ValueError, match="the data has no validation rows"):
+        if stage == "prior":
+            train_prior([*args, "--vqvae", str(root / "vqvae"), "--contrastive", str(root / "contrastive")])
+        else:
+            {"vqvae": train_vqvae, "contrastive": train_contrastive}[stage]([*args, "--resolution", "16"])
+    assert not (tmp_path / stage / "checkpoints").exists()  # refused before the first step

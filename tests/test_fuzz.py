@@ -1,9 +1,11 @@
 """Arbitrary prompts and arguments: every call either works or raises a ValueError that says what is wrong;
 the command line exits 0 or 2 with one readable line, never a traceback."""
 
+import json
 import math
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -11,10 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app.cli import main
-from contrastive.index import ImageIndex, model_identity
+from common.hub import CONFIG_NAME, WEIGHTS_NAME, ModelLoadError
+from contrastive.index import EMBEDDINGS_NAME, INDEX_NAME, ImageIndex, model_identity
 from contrastive.model import PRESETS as CLIP_PRESETS
 from contrastive.model import ContrastiveModel
-from pipelines.text_to_image import TextToImagePipeline
+from pipelines.text_to_image import PIPELINE_NAME, STAGES, TextToImagePipeline
 from prior.model import Prior, PriorConfig
 from vqvae.model import PRESETS as VQ_PRESETS
 from vqvae.model import VQVAE
@@ -218,3 +221,148 @@ def test_a_missing_or_unreadable_data_source_says_so_in_one_line(tmp_path, capsy
     ContrastiveModel(CLIP_PRESETS["tiny"]).save_pretrained(tmp_path / "clip")
     err = _one_line_error(capsys, ["index", "build", "--model", "clip", "--images", spec, "--out", "index"], "index")
     assert message in err
+
+
+# ---------------------------------------------------------------- model, pipeline and index folders from anyone
+
+# Any JSON value, nested up to past Python's recursion limit: a deep one is a marker that `_dump` writes as that
+# many nested lists, as hypothesis's recursive strategies stay shallow.
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([0, 1, 2, 3, 8, 16, 64, 4096, 10**9, -1, 0.5]), st.text(max_size=20),
+)  # fmt: skip
+json_values = st.one_of(
+    st.recursive(
+        scalars,
+        lambda children: st.one_of(
+            st.lists(children, max_size=5), st.dictionaries(st.text(max_size=8), children, max_size=4)
+        ),
+        max_leaves=20,
+    ),
+    st.integers(1, 5000).map(lambda depth: f"@@deep{depth}@@"),
+)
+FOLDER_FUZZ = settings(
+    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
+
+
+def _write_json(path, value):
+    """`value` as JSON, each deep marker of `json_values` written as lists nested that deep."""
+    text = json.dumps(value)
+    path.write_text(re.sub(r'"@@deep(\d+)@@"', lambda found: "[" * int(found[1]) + "]" * int(found[1]), text))
+
+
+def _loads_or_names(path, load):
+    """`load()` works, or raises a ModelLoadError (a ValueError) whose message names `path`."""
+    try:
+        load()
+    except ModelLoadError as err:
+        assert str(path) in str(err), err
+
+
+@pytest.fixture(scope="module")
+def saved(pipe, tmp_path_factory):
+    """The pipeline, its three stages and an index, saved once."""
+    root = tmp_path_factory.mktemp("saved")
+    pipe.save_pretrained(root / "pipe")
+    embeddings = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
+    info = {"model_class": "Random", "config": {"embed_dim": 8}, "save_id": None, "dir": None}
+    ImageIndex(embeddings, ["a", "b", "c"], ["x", "y", "z"], info).save(root / "index")
+    return root
+
+
+def _copy(saved, name, tmp_path_factory):
+    target = tmp_path_factory.mktemp("case") / name
+    shutil.copytree(saved / name, target, symlinks=True)
+    return target
+
+
+@FOLDER_FUZZ
+@given(stage=st.sampled_from(["vqvae", "contrastive", "prior"]), data=st.data(), value=json_values)
+def test_any_value_in_any_config_field(saved, tmp_path_factory, stage, data, value):
+    folder = _copy(saved / "pipe", stage, tmp_path_factory)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    field = data.draw(st.sampled_from([*sorted(config), "unknown_field"]))
+    config[field] = value
+    _write_json(folder / CONFIG_NAME, config)
+    _loads_or_names(folder / CONFIG_NAME, lambda: STAGES[stage].from_pretrained(folder))
+
+
+@FOLDER_FUZZ
+@given(value=json_values)
+def test_any_config_file(saved, tmp_path_factory, value):
+    folder = _copy(saved / "pipe", "prior", tmp_path_factory)
+    _write_json(folder / CONFIG_NAME, value)
+    _loads_or_names(folder / CONFIG_NAME, lambda: Prior.from_pretrained(folder))
+
+
+def _pipeline_paths(spec):
+    """Every place in pipeline.json a value can go: the whole file, each key, each stage's keys, a new key."""
+    places = [(), ("extra",), ("stages", "extra"), ("sampling", "extra")]
+    for key, value in spec.items():
+        places.append((key,))
+        for inner, entry in value.items():
+            places.append((key, inner))
+            if isinstance(entry, dict):
+                places += [(key, inner, name) for name in [*entry, "extra"]]
+    return places
+
+
+@FOLDER_FUZZ
+@given(data=st.data(), value=json_values)
+def test_any_value_anywhere_in_pipeline_json(saved, tmp_path_factory, data, value):
+    root = _copy(saved, "pipe", tmp_path_factory)
+    spec = json.loads((root / PIPELINE_NAME).read_text())
+    place = data.draw(st.sampled_from(_pipeline_paths(spec)))
+    if place:
+        parent = spec
+        for key in place[:-1]:
+            parent = parent[key]
+        parent[place[-1]] = value
+    _write_json(root / PIPELINE_NAME, spec if place else value)
+    _loads_or_names(root, lambda: TextToImagePipeline.from_pretrained(root))
+
+
+@FOLDER_FUZZ
+@given(data=st.data(), value=json_values)
+def test_any_value_in_any_index_json_field(saved, tmp_path_factory, data, value):
+    folder = _copy(saved, "index", tmp_path_factory)
+    meta = json.loads((folder / INDEX_NAME).read_text())
+    field = data.draw(st.sampled_from([*sorted(meta), *[f"model.{k}" for k in meta["model"]], "extra"]))
+    if field.startswith("model."):
+        meta["model"][field.removeprefix("model.")] = value
+    else:
+        meta[field] = value
+    _write_json(folder / INDEX_NAME, meta)
+    _loads_or_names(folder / INDEX_NAME, lambda: ImageIndex.load(folder))
+
+
+@FOLDER_FUZZ
+@given(
+    which=st.sampled_from(["pipe/vqvae", "pipe/prior", "index"]),
+    header=st.one_of(
+        st.binary(max_size=300),
+        json_values.map(lambda value: json.dumps(value).encode()),
+        st.dictionaries(
+            st.sampled_from(["embeddings", "weight", "__metadata__", "code_embed.weight"]),
+            st.fixed_dictionaries(
+                {"dtype": st.sampled_from(["F32", "F16", "I64", "BOOL", "C64", "X", 3]),
+                 "shape": st.lists(st.integers(-2, 2**40), max_size=3),
+                 "data_offsets": st.lists(st.integers(-2, 2**40), min_size=0, max_size=3)}
+            ),
+            max_size=3,
+        ).map(lambda value: json.dumps(value).encode()),
+    ),
+    length=st.one_of(st.none(), st.integers(0, 2**64 - 1)),
+    tail=st.binary(max_size=64),
+)  # fmt: skip
+def test_any_bytes_in_a_safetensors_header(saved, tmp_path_factory, which, header, length, tail):
+    folder = _copy(saved, which.split("/")[0], tmp_path_factory)
+    folder = folder / which.split("/")[1] if "/" in which else folder
+    path = folder / (EMBEDDINGS_NAME if which == "index" else WEIGHTS_NAME)
+    size = len(header) if length is None else length
+    path.write_bytes(size.to_bytes(8, "little") + header + tail)
+    load = (
+        (lambda: ImageIndex.load(folder)) if which == "index" else (lambda: STAGES[which[5:]].from_pretrained(folder))
+    )
+    _loads_or_names(path, load)

@@ -319,3 +319,15 @@ def test_saved_files_and_folders_get_the_umask_modes(tmp_path, umask_027):
         0o750,
         0o640,
     }
+
+
+def test_a_save_removes_what_killed_saves_left_and_only_that(tmp_path):
+    Tiny(TinyConfig()).save_pretrained(tmp_path / "m")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = tmp_path / "m" / f".tmp-save-{int(dead.stdout)}-abc"  # a process that no longer runs
+    running = tmp_path / "m" / f".tmp-save-{os.getpid()}-def"  # a save in progress
+    for folder in (left, running):
+        folder.mkdir()
+        (folder / WEIGHTS_NAME).write_bytes(b"half")
+    Tiny(TinyConfig()).save_pretrained(tmp_path / "m")
+    assert not left.exists() and running.exists()

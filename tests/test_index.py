@@ -389,3 +389,26 @@ def test_index_files_symlinked_out_of_the_folder_are_refused(tmp_path, name):
     (directory / name).symlink_to(tmp_path / name)
     with pytest.raises(ModelLoadError, match=rf"{name} leads outside"):
         ImageIndex.load(directory)
+
+
+def test_two_index_adds_at_once_are_refused(model, images, tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    model.save_pretrained(tmp_path / "model")
+    ImageIndex.build(model, images, model_dir=tmp_path / "model", progress=False).save(tmp_path / "index")
+    hold = "import sys, time; from common import locks; locks.acquire(sys.argv[1]); print('held', flush=True); "
+    root = Path(__file__).resolve().parents[1]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold + "time.sleep(60)", str(tmp_path / "index")], cwd=root, stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        assert _run_cli(monkeypatch, ["index", "add", "--index", str(tmp_path / "index"), "--images", str(images)]) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("vqclip index: error: ") and f"is in use by process {holder.pid}" in err
+    assert len(ImageIndex.load(tmp_path / "index")) == 5  # untouched; once the holder is gone, an add works:
+    assert _run_cli(monkeypatch, ["index", "add", "--index", str(tmp_path / "index"), "--images", str(images)]) == 0
+    assert len(ImageIndex.load(tmp_path / "index")) == 10

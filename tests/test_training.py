@@ -1,6 +1,9 @@
 import argparse
+import errno
 import json
 import os
+import subprocess
+import sys
 import time
 from dataclasses import fields
 
@@ -8,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from common.cli import ArgumentParser
+from common.locks import FolderLockedError
 from common.training import (
     NonFiniteLossError,
     StepBatches,
@@ -16,6 +21,7 @@ from common.training import (
     add_training_args,
     list_checkpoints,
     make_optimizer,
+    run_script,
 )
 from contrastive.model import PRESETS as CONTRASTIVE_PRESETS
 from contrastive.model import ContrastiveModel
@@ -261,3 +267,95 @@ def test_the_optimizer_is_fused_and_steps_as_the_loop_over_tensors_does(tmp_path
             optimizer.zero_grad()
         weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.allclose(weights[0], weights[1], atol=1e-6) and not torch.equal(weights[0], weights[0] * 0)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--logging_steps", "0"), ("--validation_steps", "0"), ("--checkpoints_total_limit", "-1"),
+     ("--checkpoints_total_limit", "0"), ("--checkpointing_steps", "0"), ("--seed", str(2**70))],
+)  # fmt: skip
+def test_the_parser_refuses_counts_below_one_naming_the_flag(tmp_path, capsys, flag, value):
+    parser = ArgumentParser(prog="stage.train")
+    add_training_args(parser)
+    with pytest.raises(SystemExit) as stopped:
+        parser.parse_args(["--output_dir", str(tmp_path), flag, value])
+    err = capsys.readouterr().err.strip()
+    assert stopped.value.code == 2 and len(err.splitlines()) == 1
+    assert err.startswith(f"stage.train: error: argument {flag}: must be an integer")
+
+
+def _nan_at_step_5(m, batch, step):
+    loss = m(batch).pow(2).mean()
+    return (loss * float("nan") if step == 4 else loss), {}
+
+
+def test_a_nan_loss_is_one_line_and_status_2_naming_the_step(tmp_path, capsys):
+    def main():
+        Trainer(_settings(tmp_path), torch.nn.Linear(4, 1), Rows(), _nan_at_step_5, collate=torch.stack).fit()
+
+    with pytest.raises(SystemExit) as stopped:
+        run_script(main, "stage.train")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 2 and "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("stage.train: error: the loss became nan at step 5; the last good checkpoint is")
+
+
+def test_a_full_disk_while_checkpointing_says_so_and_the_last_checkpoint_resumes(tmp_path, monkeypatch, capsys):
+    real_save = torch.save
+
+    def save_until_full(obj, path, *args, **kwargs):
+        if "checkpoint-4" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_full)
+
+    def main():
+        Trainer(_settings(tmp_path), torch.nn.Linear(4, 1), Rows(), _loss, collate=torch.stack).fit()
+
+    with pytest.raises(SystemExit) as stopped:
+        run_script(main, "stage.train")
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stopped.value.code == 2
+    assert "could not write checkpoint-4 at step 4 (No space left on device; is the disk full?)" in err
+    assert f"the last checkpoint, {tmp_path / 'checkpoints' / 'checkpoint-2'}, is complete and good" in err
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-2"]  # nothing half-written
+    monkeypatch.setattr(torch, "save", real_save)
+    trainer = Trainer(
+        _settings(tmp_path, resume_from_checkpoint="latest"), torch.nn.Linear(4, 1), Rows(), _loss, collate=torch.stack
+    )
+    trainer.fit()
+    assert trainer.step == 6 and [p.name for p in list_checkpoints(tmp_path)][-1] == "checkpoint-6"
+
+
+HOLD_LOCK = """
+import sys, time
+from common import locks
+locks.acquire(sys.argv[1])
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def _hold_lock(folder, seconds):
+    """A process (started from the repository root) that holds `folder`'s lock for `seconds`."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(folder), str(seconds), "--my-run"], cwd=root, stdout=subprocess.PIPE
+    )
+    assert holder.stdout.readline() == b"held\n"
+    return holder
+
+
+def test_a_second_run_on_one_output_folder_names_the_process_that_holds_it(tmp_path):
+    holder = _hold_lock(tmp_path, 60)
+    try:
+        with pytest.raises(FolderLockedError, match=rf"is in use by process {holder.pid} on .* \(-c .*--my-run\)"):
+            Trainer(_settings(tmp_path), torch.nn.Linear(4, 1), Rows(), _loss, collate=torch.stack)
+    finally:
+        holder.kill()
+        holder.wait()
+    # the killed holder's lock is taken over; so is what a killed run left half-written
+    (tmp_path / "checkpoints" / ".tmp-checkpoint-4").mkdir(parents=True)
+    Trainer(_settings(tmp_path), torch.nn.Linear(4, 1), Rows(), _loss, collate=torch.stack).fit()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [f"checkpoint-{s}" for s in (2, 4, 6)]

@@ -22,7 +22,15 @@ from accelerate.utils import set_seed
 from common.cli import ArgumentParser
 from common.data import DataConfig, collate, load_image_text
 from common.metrics import psnr
-from common.training import Trainer, TrainerHooks, TrainingConfig, add_training_args, run_script, write_eval
+from common.training import (
+    Trainer,
+    TrainerHooks,
+    TrainingConfig,
+    add_training_args,
+    require_validation,
+    run_script,
+    write_eval,
+)
 from vqvae.evaluate import evaluate, reconstruction_grid
 from vqvae.gan import VQGAN, PatchDiscriminator, adaptive_weight, hinge_discriminator_loss
 from vqvae.model import PRESETS, VQVAE, VQVAEConfig
@@ -142,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
     set_seed(args.seed)
     model, compute_loss = build_model(args), make_loss(args)  # bad flags and missing weights fail before the data
     data = load_image_text(DataConfig.from_args(args), seed=args.seed)
+    require_validation(data.validation)
     output_dir = Path(args.output_dir)
     grid_pixels = torch.stack(
         [data.validation[i]["pixel_values"] for i in range(min(args.num_grid_images, len(data.validation)))]

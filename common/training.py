@@ -279,7 +279,7 @@ def weight_decay_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.P
 def make_optimizer(model: nn.Module, settings: TrainingConfig) -> torch.optim.AdamW:
     """AdamW with two parameter groups: `adam_weight_decay` on the decayed ones, none on the others.
 
-    It is torch's fused AdamW (one kernel for all of a group's tensors, on CPU as on GPU), several times faster
+    It is torch's fused AdamW (one kernel for all of a group's tensors, on CPU as on GPU), about three times faster
     than the loop over tensors and the same update up to rounding."""
     decayed, kept = weight_decay_groups(model)
     groups = [

@@ -1,4 +1,4 @@
-"""`vqclip serve`: generate and search in the browser, with gradio (`pip install -e '.[web]'`).
+"""`vqclip serve`: generate, edit and search in the browser, with gradio (`pip install -e '.[web]'`).
 
     vqclip serve                                    # the released shapes-world model and a small shapes index
     vqclip serve --model models/mine --index runs/index --host 0.0.0.0 --port 7860
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from common.cli import add_device_arg, integer
 from common.data import BadImage, load_image
 from common.grid import make_grid
 from pipelines.image_search import ImageSearchPipeline, hit_image
@@ -45,7 +46,7 @@ MAX_UPLOAD = "10mb"  # gradio refuses larger uploads before they reach a handler
 MAX_UPLOAD_PIXELS = 4096 * 4096
 QUEUE_SIZE = 8  # requests waiting for the model; one more is answered "busy"
 POLL_SECONDS = 0.2  # how often a waiting request reports progress and notices that its client left
-CELL = 128  # side of a picture in the downloadable grid and of a search result
+CELL = 128  # side of a picture in the downloadable grid; search results are at most twice that
 
 
 class Cancelled(Exception):
@@ -192,6 +193,13 @@ def uploaded_picture(upload: Any) -> Any:
         ) from err
 
 
+def _thumbnail(picture: Image.Image, side: int = 2 * CELL) -> Image.Image:
+    """The picture, shrunk to fit `side` × `side` if larger (an indexed photo may be thousands of pixels)."""
+    picture = picture.copy()
+    picture.thumbnail((side, side))
+    return picture
+
+
 def _captions(out: Any) -> list[str]:
     """Each picture's prompt and scores, for a gallery."""
     scores, likelihoods = out.scores.tolist(), out.log_likelihoods.tolist()
@@ -265,7 +273,7 @@ def build_app(
             return pipe(**settings, generator=generator, show_progress=False, callback=on_step)
 
         try:
-            out = yield from worker.run(call, progress, (gr.skip(), gr.skip(), gr.skip()))
+            out = yield from worker.run(call, progress, (gr.skip(),) * 4)
         except ValueError as err:
             raise _error(str(err)) from err
         captions = _captions(out)
@@ -276,7 +284,17 @@ def build_app(
             f"{len(out.images)} pictures in {seconds:.1f} s with seed **{seed}**. The same pictures from the "
             f"command line:\n\n```\n{command_line({**settings, 'seed': seed}, model_name)}\n```"
         )
-        yield list(zip(out.images, captions, strict=True)), grid, status
+        yield list(zip(out.images, captions, strict=True)), grid, status, list(out.images)
+
+    def pick(pictures, selected: gr.SelectData):
+        """A picture of the Generate tab's gallery, clicked, becomes the Edit tab's picture (from this session's
+        own results, never from a path the page sends)."""
+        index = selected.index
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(pictures or []):
+            return gr.skip(), gr.skip()
+        return pictures[index], gr.Tabs(selected="edit")
+
+    pick.__annotations__["selected"] = gr.SelectData  # gradio finds the event's data by this type, not a string
 
     def edit(editor, prompts, num_images, guidance_scale, temperature, top_k, top_p, num_candidates, rerank, seed,
              left, top, right, bottom, progress=tracker):  # fmt: skip
@@ -308,85 +326,96 @@ def build_app(
         with worker.lock:
             hits = search(picture if picture is not None else query, k=k)
         by = "the uploaded picture" if picture is not None else f'"{query}"'
-        results = [(hit_image(hit.source, CELL), f"{hit.score:.3f} · {hit.caption}") for hit in hits]
+        results = [(_thumbnail(hit_image(hit.source, CELL)), f"{hit.score:.3f} · {hit.caption}") for hit in hits]
         return results, f"the {len(hits)} best of {len(search.index)} pictures for {by}"
 
     with gr.Blocks(title="vqclip", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(f"# vqclip\nText-to-image generation and search with `{model_name}`.")
-        with gr.Tab("Generate"):
-            with gr.Row():
-                with gr.Column(scale=1):
-                    prompts = gr.Textbox(
-                        label="prompts (one a line)", value="a blue ball on grass", lines=3, elem_id="prompts",
-                        max_length=MAX_PROMPT_TEXT,
-                    )  # fmt: skip
-                    num_images = gr.Slider(
-                        1, MAX_IMAGES, value=4, step=1, label="pictures per prompt", elem_id="num-images"
-                    )
-                    with gr.Accordion("sampling (the model's defaults)", open=False):
-                        guidance = gr.Slider(0, 20, value=defaults["guidance_scale"], step=0.1, label="guidance")
-                        temperature = gr.Slider(0.01, 2, value=defaults["temperature"], step=0.01, label="temperature")
-                        top_k = gr.Number(defaults["top_k"] or 0, precision=0, minimum=0, label="top-k (0: off)")
-                        top_p = gr.Slider(0.01, 1, value=defaults["top_p"] or 1, step=0.01, label="top-p (1: off)")
-                        candidates = gr.Slider(
-                            1, MAX_CANDIDATES, value=defaults["num_candidates"], step=1,
-                            label="candidates (samples per picture; the best is kept)",
-                        )  # fmt: skip
-                        rerank = gr.Dropdown(list(RERANKERS), value=defaults["rerank"], label="reranker")
-                    seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="seed")
-                    generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
-                with gr.Column(scale=2):
-                    gallery = gr.Gallery(
-                        label="pictures", columns=4, format="png", elem_id="gallery", preview=False, height="auto"
-                    )
-                    status = gr.Markdown(elem_id="status")
-                    grid = gr.Image(label="grid (download)", type="pil", format="png", interactive=False)
-            generate_button.click(
-                generate,
-                [prompts, num_images, guidance, temperature, top_k, top_p, candidates, rerank, seed],
-                [gallery, grid, status],
-                api_name="generate", concurrency_id="model", concurrency_limit=1,
-            )  # fmt: skip
-        with gr.Tab("Edit"):
-            with gr.Row():
-                with gr.Column(scale=1):
-                    editor = gr.ImageMask(
-                        label="the picture: paint the region to redraw", sources=["upload"], type="filepath",
-                        layers=False, brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"),
-                    )  # fmt: skip
-                    with gr.Row():
-                        box = [gr.Number(0, minimum=0, label=f"or a box: {name}") for name in ("left", "top")]
-                        box += [gr.Number(0, minimum=0, label=name) for name in ("right", "bottom")]
-                    edit_prompts = gr.Textbox(label="prompts (one a line)", value="a red star on grass", lines=2)
-                    edit_count = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="edits per prompt")
-                    edit_seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="seed")
-                    gr.Markdown("Sampling settings: those of the Generate tab.")
-                    edit_button = gr.Button("Edit", variant="primary", elem_id="edit")
-                with gr.Column(scale=2):
-                    edits = gr.Gallery(label="the picture and its edits", columns=4, format="png", preview=False)
-                    edit_status = gr.Markdown()
-            edit_button.click(
-                edit,
-                [editor, edit_prompts, edit_count, guidance, temperature, top_k, top_p, candidates, rerank, edit_seed,
-                 *box],
-                [edits, edit_status],
-                api_name="edit", preprocess=False, concurrency_id="model", concurrency_limit=1,
-            )  # fmt: skip
-        if search is not None:
-            with gr.Tab("Search"):
+        pictures = gr.State([])  # this session's last generated pictures, for the Edit tab
+        with gr.Tabs() as tabs:
+            with gr.Tab("Generate"):
                 with gr.Row():
                     with gr.Column(scale=1):
-                        query = gr.Textbox(label="text", value="a red ball", elem_id="query")
-                        upload = gr.Image(label="or a picture", type="filepath", sources=["upload"])
-                        k = gr.Slider(1, MAX_RESULTS, value=8, step=1, label="results")
-                        search_button = gr.Button("Search", variant="primary", elem_id="search")
+                        prompts = gr.Textbox(
+                            label="prompts (one a line)", value="a blue ball on grass", lines=3, elem_id="prompts",
+                            max_length=MAX_PROMPT_TEXT,
+                        )  # fmt: skip
+                        num_images = gr.Slider(
+                            1, MAX_IMAGES, value=4, step=1, label="pictures per prompt", elem_id="num-images"
+                        )
+                        with gr.Accordion("sampling (the model's defaults)", open=False):
+                            guidance = gr.Slider(0, 20, value=defaults["guidance_scale"], step=0.1, label="guidance")
+                            temperature = gr.Slider(
+                                0.01, 2, value=defaults["temperature"], step=0.01, label="temperature"
+                            )
+                            top_k = gr.Number(defaults["top_k"] or 0, precision=0, minimum=0, label="top-k (0: off)")
+                            top_p = gr.Slider(0.01, 1, value=defaults["top_p"] or 1, step=0.01, label="top-p (1: off)")
+                            candidates = gr.Slider(
+                                1, MAX_CANDIDATES, value=defaults["num_candidates"], step=1,
+                                label="candidates (samples per picture; the best is kept)",
+                            )  # fmt: skip
+                            rerank = gr.Dropdown(list(RERANKERS), value=defaults["rerank"], label="reranker")
+                        seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="seed")
+                        generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                     with gr.Column(scale=2):
-                        results = gr.Gallery(label="results", columns=4, format="png", preview=False)
-                        found = gr.Markdown()
-                search_button.click(
-                    find, [query, upload, k], [results, found], api_name="search", preprocess=False,
-                    concurrency_id="model", concurrency_limit=1,
+                        gallery = gr.Gallery(
+                            label="pictures", columns=4, format="png", elem_id="gallery", preview=False, height="auto"
+                        )
+                        status = gr.Markdown(elem_id="status")
+                        grid = gr.Image(label="grid (download)", type="pil", format="png", interactive=False)
+                generate_button.click(
+                    generate,
+                    [prompts, num_images, guidance, temperature, top_k, top_p, candidates, rerank, seed],
+                    [gallery, grid, status, pictures],
+                    api_name="generate", concurrency_id="model", concurrency_limit=1,
                 )  # fmt: skip
+            with gr.Tab("Edit", id="edit"):
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        editor = gr.ImageMask(
+                            label="the picture (upload one, or click one in Generate): paint the region to redraw",
+                            sources=["upload"], type="filepath", elem_id="editor",
+                            layers=False, brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"),
+                        )  # fmt: skip
+                        with gr.Row():
+                            labels = {"left": "or a box: left", "top": "top", "right": "right", "bottom": "bottom"}
+                            box = [
+                                gr.Number(0, minimum=0, label=label, elem_id=f"box-{name}")
+                                for name, label in labels.items()
+                            ]
+                        edit_prompts = gr.Textbox(label="prompts (one a line)", value="a red star on grass", lines=2)
+                        edit_count = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="edits per prompt")
+                        edit_seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="seed")
+                        gr.Markdown("Sampling settings: those of the Generate tab.")
+                        edit_button = gr.Button("Edit", variant="primary", elem_id="edit-button")
+                    with gr.Column(scale=2):
+                        edits = gr.Gallery(
+                            label="the picture and its edits", columns=4, format="png", preview=False, elem_id="edits"
+                        )
+                        edit_status = gr.Markdown(elem_id="edit-status")
+                edit_button.click(
+                    edit,
+                    [editor, edit_prompts, edit_count, guidance, temperature, top_k, top_p, candidates, rerank,
+                     edit_seed, *box],
+                    [edits, edit_status],
+                    api_name="edit", preprocess=False, concurrency_id="model", concurrency_limit=1,
+                )  # fmt: skip
+                gallery.select(pick, [pictures], [editor, tabs], api_visibility="private")
+            if search is not None:
+                with gr.Tab("Search"):
+                    with gr.Row():
+                        with gr.Column(scale=1):
+                            query = gr.Textbox(label="text", value="a red ball", elem_id="query")
+                            upload = gr.Image(label="or a picture", type="filepath", sources=["upload"])
+                            k = gr.Slider(1, MAX_RESULTS, value=8, step=1, label="results")
+                            search_button = gr.Button("Search", variant="primary", elem_id="search")
+                        with gr.Column(scale=2):
+                            results = gr.Gallery(label="results", columns=4, format="png", preview=False)
+                            found = gr.Markdown()
+                    search_button.click(
+                        find, [query, upload, k], [results, found], api_name="search", preprocess=False,
+                        concurrency_id="model", concurrency_limit=1,
+                    )  # fmt: skip
     demo.queue(max_size=queue_size, default_concurrency_limit=1, api_open=False)
     demo.worker = worker
     return demo
@@ -427,8 +456,6 @@ def _serve(args: argparse.Namespace) -> None:
         raise ValueError("vqclip serve needs gradio: pip install -e '.[web]'") from err
     from pipelines.text_to_image import DEMO_MODEL
 
-    if not 1 <= args.queue_size <= 1000:
-        raise ValueError(f"--queue-size must be from 1 to 1000, got {args.queue_size}")
     model = args.model or str(DEMO_MODEL)
     pipe = TextToImagePipeline.from_pretrained(model).to(args.device)
     with tempfile.TemporaryDirectory(prefix="vqclip-serve-") as scratch:
@@ -440,14 +467,16 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    serve = subparsers.add_parser("serve", help="generate and search in the browser (needs the web extra)")
+    serve = subparsers.add_parser("serve", help="generate, edit and search in the browser (needs the web extra)")
     serve.add_argument("--model", help="a pipeline folder (default: the released models/shapes-demo)")
     serve.add_argument("--index", help="a search index folder (default: a small shapes world, built at start)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    serve.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    serve.add_argument("--port", type=integer(1, 65535), default=7860, help="port (default: %(default)s)")
     serve.add_argument(
-        "--queue-size", type=int, default=QUEUE_SIZE, help="requests that may wait; more are answered busy"
+        "--queue-size", type=integer(1, 1000), default=QUEUE_SIZE, help="requests that may wait; more are answered busy"
     )
-    serve.add_argument("--world-images", type=int, default=200, help="size of the shapes world built without --index")
-    serve.add_argument("--device", default="cpu")
+    serve.add_argument(
+        "--world-images", type=integer(2, 100_000), default=200, help="size of the shapes world built without --index"
+    )
+    add_device_arg(serve)
     serve.set_defaults(func=_serve)

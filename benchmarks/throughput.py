@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -71,7 +72,8 @@ def timed_steps(model: torch.nn.Module, loss: Callable[[], torch.Tensor], settin
 def script_seconds_per_step(stage: Stage, args: argparse.Namespace, work: Path, data: Path, run: int) -> float:
     """Run the stage's training script for `warmup + steps` steps; the mean wall time of the steps after the
     warm-up, from the `step_seconds` it logs every `warmup` steps."""
-    out = work / f"run-{run}"
+    out = work / f"{stage.main.__module__}-{run}"
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run, not a resumed one
     argv = [
         "--train_data_dir", str(data), "--output_dir", str(out), "--preset", stage.preset, "--cache_images",
         "--max_validation_samples", "64",
@@ -210,6 +212,9 @@ def main(argv: Sequence[str] | None = None, stage_name: str | None = None) -> di
         parser.add_argument("--stage", choices=("contrastive", "tokenizer", "prior"), required=True)
     parser.add_argument("--data", type=Path, help="a 64-px shapes-world folder (default: build one)")
     parser.add_argument("--num-images", type=int, default=1200, help="the size of the world built without --data")
+    parser.add_argument(
+        "--work", type=Path, help="keep the runs, the world built and the prior's frozen stages and codes here"
+    )
     parser.add_argument("--preset", help="the model preset (default: the stage's)")
     parser.add_argument("--batch-size", type=int, help="default: the stage's")
     parser.add_argument("--threads", type=int, default=2)
@@ -225,7 +230,8 @@ def main(argv: Sequence[str] | None = None, stage_name: str | None = None) -> di
     stage.batch_size = args.batch_size or stage.batch_size
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
-        work = Path(tmp)
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         data = args.data or build_shapes(work / "shapes", args.num_images, RESOLUTION)
         model, loss = stage.ceiling(stage, args, work)
         ceiling = timed_steps(model, loss, stage.defaults, args.steps)

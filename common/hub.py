@@ -183,7 +183,8 @@ def load_weights(directory: Path, save_id: str | None = None) -> dict[str, torch
         raise ModelLoadError(f"{path} is not a valid safetensors file: {err}") from err
     if save_id is not None and found_id != save_id:
         raise ModelLoadError(
-            f"{path} and {CONFIG_NAME} come from different saves (was a save interrupted?); save the model again"
+            f"{path} and {directory / CONFIG_NAME} come from different saves (was a save interrupted?); save the model "
+            "again"
         )
     return state
 

@@ -15,8 +15,8 @@
   projection weights, and free-standing `proj`/`projection` matrices); biases, norm gains, embeddings,
   positional tables, learned rows such as a null condition, codebooks and temperatures are never decayed.
 - Memory and speed: `--gradient_checkpointing` recomputes each block's activations in the backward pass (every
-  stage's model offers `set_gradient_checkpointing`), `--compile` runs the model through `torch.compile`, AdamW
-  is fused on GPUs, and under FSDP2 (`accelerate launch --config_file recipes/accelerate/fsdp.yaml`) weights,
+  stage's model offers `set_gradient_checkpointing`), `--compile` runs the model through `torch.compile`, and under
+  FSDP2 (`accelerate launch --config_file recipes/accelerate/fsdp.yaml`) weights,
   gradients and optimizer state are sharded across processes: checkpoints then hold the shards (accelerate's
   `save_fsdp_model` / `save_fsdp_optimizer`), and hooks and the final model see the weights gathered in full.
 - Streamed data (`common.data.streams.StreamData`: shards, `datasets` streaming) is read by every process and
@@ -279,7 +279,7 @@ def weight_decay_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.P
 def make_optimizer(model: nn.Module, settings: TrainingConfig) -> torch.optim.AdamW:
     """AdamW with two parameter groups: `adam_weight_decay` on the decayed ones, none on the others.
 
-    It is torch's fused AdamW (one kernel for all of a group's tensors, on CPU as on GPU), several times faster
+    It is torch's fused AdamW (one kernel for all of a group's tensors, on CPU as on GPU), about three times faster
     than the loop over tensors and the same update up to rounding."""
     decayed, kept = weight_decay_groups(model)
     groups = [
@@ -738,8 +738,8 @@ class Trainer:
                 now = time.perf_counter()
                 seconds = (now - timed_from) / (self.step - timed_since)
                 timed_from, timed_since = now, self.step
-                loss = acc.reduce(loss.detach(), reduction="mean")  # of the global batch
-                logs = {"loss": loss, "lr": self.scheduler.get_last_lr()[0]}
+                global_loss = acc.reduce(loss.detach(), reduction="mean")  # the mean over every process
+                logs = {"loss": global_loss, **logs, "lr": self.scheduler.get_last_lr()[0]}
                 if self.stream is not None:
                     logs["skipped"] = self.stream.report().skipped.total()
                 logs = {k: float(v) for k, v in logs.items()}  # tensors are read only here, once per log

@@ -58,37 +58,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def draw_augmentation(sample: dict, generator: torch.Generator, crop_scale: float) -> dict:
-    """The row's augmentation, drawn from its generator: a random crop of at least `crop_scale` of the area
-    (`top`, `left`, `side` in pixels) and a flip only where it keeps the caption true. `augment_batch` applies
-    it, to a whole batch at once."""
-    size = sample["pixel_values"].shape[-1]
+def augment(sample: dict, generator: torch.Generator, crop_scale: float) -> dict:
+    """A random crop of at least `crop_scale` of the area, resized back; a flip only where it keeps the caption
+    true."""
+    pixels = sample["pixel_values"]
+    size = pixels.shape[-1]
     scale = crop_scale + (1 - crop_scale) * torch.rand((), generator=generator).item()
     side = max(1, round(size * math.sqrt(scale)))
     top, left = (torch.randint(0, size - side + 1, (2,), generator=generator)).tolist()
-    flip = not SIDE_WORDS.search(sample["text"]) and torch.rand((), generator=generator).item() < 0.5
-    return {**sample, "augmentation": torch.tensor([top, left, side, flip], dtype=torch.long)}
-
-
-def augment_batch(pixels: torch.Tensor, augmentation: torch.Tensor) -> torch.Tensor:
-    """(B, 3, R, R) pixels, each cropped to its (top, left, side) square, resized back to R bilinearly and flipped
-    where its flag says: one `grid_sample` for the batch, on the pixels' device."""
-    size = pixels.shape[-1]
-    top, left, side, flip = augmentation.to(pixels.device, torch.float32).unbind(1)
-    out = pixels.clone()
-    cropped = side < size
-    if cropped.any():
-        # normalized coordinates (align_corners=False): output pixel j reads input pixel left + (j + 0.5) side / R - 0.5
-        zoom = side[cropped] / size
-        theta = torch.zeros(int(cropped.sum()), 2, 3, device=pixels.device)
-        theta[:, 0, 0] = theta[:, 1, 1] = zoom
-        theta[:, 0, 2] = (2 * left[cropped] + side[cropped]) / size - 1
-        theta[:, 1, 2] = (2 * top[cropped] + side[cropped]) / size - 1
-        grid = F.affine_grid(theta, [len(theta), *pixels.shape[1:]], align_corners=False)
-        out[cropped] = F.grid_sample(pixels[cropped], grid, mode="bilinear", padding_mode="border", align_corners=False)
-    flipped = flip.bool()
-    out[flipped] = out[flipped].flip(-1)
-    return out
+    crop = pixels[:, top : top + side, left : left + side]
+    if side != size:
+        crop = F.interpolate(crop[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    if not SIDE_WORDS.search(sample["text"]) and torch.rand((), generator=generator).item() < 0.5:
+        crop = crop.flip(-1)
+    return {**sample, "pixel_values": crop}
 
 
 def make_collate(tokenizer: open_clip.SimpleTokenizer, cached_captions: int = 2**16):
@@ -102,8 +85,6 @@ def make_collate(tokenizer: open_clip.SimpleTokenizer, cached_captions: int = 2*
     def collate_with_tokens(batch: list[dict]) -> dict:
         out = collate(batch)
         out["tokens"] = torch.stack([tokens(text) for text in out["text"]])
-        if "augmentation" in batch[0]:
-            out["augmentation"] = torch.stack([item["augmentation"] for item in batch])
         return out
 
     return collate_with_tokens
@@ -117,10 +98,7 @@ def make_loss():
             distributed = dist.is_available() and dist.is_initialized()
             rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
             loss_fn.append(open_clip.ClipLoss(local_loss=False, gather_with_grad=True, rank=rank, world_size=world))
-        pixels = batch["pixel_values"]
-        if "augmentation" in batch:
-            pixels = augment_batch(pixels, batch["augmentation"])
-        image, text, scale = model(pixels, batch["tokens"])
+        image, text, scale = model(batch["pixel_values"], batch["tokens"])
         loss = loss_fn[0](image, text, scale)
         with torch.no_grad():
             accuracy = ((image @ text.t()).argmax(1) == torch.arange(len(image), device=image.device)).float().mean()
@@ -150,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
         data.train,
         make_loss(),
         collate=make_collate(model.tokenizer),
-        transform=lambda sample, generator: draw_augmentation(sample, generator, args.crop_scale),
+        transform=lambda sample, generator: augment(sample, generator, args.crop_scale),
         hooks=TrainerHooks([(args.validation_steps, validate)]),
         batch_key=caption_key,
         hparams=vars(args),

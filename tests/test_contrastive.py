@@ -3,12 +3,11 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from common.training import StepBatches
 from contrastive.evaluate import caption_key, key_ids, recall_at
 from contrastive.model import PRESETS, ContrastiveConfig, ContrastiveModel
-from contrastive.train import augment_batch, draw_augmentation, make_collate, make_loss
+from contrastive.train import augment, make_collate, make_loss
 from corpora.shapes import build
 from tests.launch import ROOT, accelerate_launch, weights
 
@@ -108,11 +107,6 @@ def test_batches_never_repeat_a_caption():
     assert rows(2, 3) == rows(0, 5)[2:]  # resuming at batch 2 gives the same batches
 
 
-def augment(sample, generator, crop_scale):
-    drawn = draw_augmentation(sample, generator, crop_scale)
-    return {**sample, "pixel_values": augment_batch(sample["pixel_values"][None], drawn["augmentation"][None])[0]}
-
-
 def test_flip_only_when_caption_has_no_side():
     pixels = torch.arange(16.0).view(1, 1, 16).expand(3, 16, 16)
     flipped_any = False
@@ -124,24 +118,6 @@ def test_flip_only_when_caption_has_no_side():
         out = augment({"pixel_values": pixels, "text": "a red ball"}, g, crop_scale=1.0)
         flipped_any |= torch.equal(out["pixel_values"], pixels.flip(-1))
     assert flipped_any
-
-
-def test_a_batch_is_cropped_and_flipped_as_each_row_alone():
-    torch.manual_seed(0)
-    pixels = torch.rand(6, 3, 16, 16) * 2 - 1
-    texts = ["a ball", "a ball on the left", "a box", "a star", "a heart on the right", "a ball"]
-    drawn = [draw_augmentation({"pixel_values": p, "text": t}, torch.Generator().manual_seed(i), 0.5)
-             for i, (p, t) in enumerate(zip(pixels, texts, strict=True))]  # fmt: skip
-    params = torch.stack([d["augmentation"] for d in drawn])
-    assert (params[:, 2] < 16).any() and params[:, 3].any() and not params[[1, 4], 3].any()
-    out = augment_batch(pixels, params)
-    for row, (top, left, side, flip) in enumerate(params.tolist()):  # the crop resized alone, as a reference
-        crop = pixels[row : row + 1, :, top : top + side, left : left + side]
-        expected = F.interpolate(crop, size=(16, 16), mode="bilinear", align_corners=False)[0]
-        expected = expected.flip(-1) if flip else expected
-        inside = (slice(None), slice(1, -1), slice(1, -1))  # at the crop's edge the batch also reads its neighbours
-        assert torch.allclose(out[row][inside], expected[inside], atol=1e-5), row
-    assert torch.equal(augment_batch(pixels, torch.tensor([[0, 0, 16, 0]] * 6)), pixels)
 
 
 def test_captions_are_tokenized_as_the_tokenizer_does():

@@ -44,6 +44,16 @@ def _args(world, module, out, batch, steps):
     return [*args, "--resolution", "16", "--eval_rows", "16"]
 
 
+def _settled(name, tensor):
+    """The weights that training determines. The key bias of attention (the middle third of open_clip's
+    in_proj_bias) shifts every score of a query alike, so its gradient is zero but for rounding, which AdamW scales
+    up to full steps: it differs between any two runs that round differently."""
+    if name.endswith("in_proj_bias"):
+        q, _, v = tensor.chunk(3)
+        return torch.cat([q, v])
+    return tensor
+
+
 def _losses(out):
     rows = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
     return {row["step"]: row["loss"] for row in rows if "loss" in row}
@@ -67,5 +77,5 @@ def test_two_sharded_processes_match_one_with_the_doubled_batch_and_resume(world
     final = model_class.from_pretrained(sharded)  # one model.safetensors, loadable as any saved model
     expected, found = weights(one), final.state_dict()
     assert expected.keys() == found.keys()
-    assert all(torch.allclose(expected[k], found[k], atol=1e-5) for k in expected)
+    assert all(torch.allclose(_settled(k, expected[k]), _settled(k, found[k]), atol=1e-5) for k in expected)
     assert (sharded / "eval.json").is_file()

@@ -296,9 +296,10 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 
 
-def browse(url: str, prompt: str, pictures: int, screenshot, user_data_dir) -> int:
-    """Open the page in headless Chromium, ask for `pictures` pictures of `prompt`, wait for the gallery, save a
-    screenshot; returns the number of pictures the gallery shows."""
+def browse(url: str, prompt: str, pictures: int, screenshot, user_data_dir, edit_box=None) -> dict:
+    """Open the page in headless Chromium, ask for `pictures` pictures of `prompt`, wait for the gallery and save a
+    screenshot. With `edit_box` (left, top, right, bottom), then click the first picture, which opens it in the
+    Edit tab, and redraw that box. Returns how many pictures each gallery shows."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -312,22 +313,36 @@ def browse(url: str, prompt: str, pictures: int, screenshot, user_data_dir) -> i
                  f"--user-data-dir={user_data_dir}", "--window-size=1280,1000"):  # fmt: skip
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+
+    def type_into(selector: str, text: str) -> None:
+        field = driver.find_element(By.CSS_SELECTOR, selector)
+        field.send_keys(Keys.CONTROL, "a")
+        field.send_keys(text, Keys.TAB)
+
+    def shown(gallery: str, status: str, says: str) -> int:
+        wait.until(lambda d: says in d.find_element(By.ID, status).text)
+        drawn = f"return [...document.querySelectorAll('#{gallery} img')].every(i => i.complete && i.naturalWidth > 0)"
+        wait.until(lambda d: d.execute_script(drawn))  # every picture has arrived and is drawn
+        return len(driver.find_elements(By.CSS_SELECTOR, f"#{gallery} img"))
+
     try:
         driver.get(url)
         wait = WebDriverWait(driver, 120)
         box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#prompts textarea"))
         box.clear()
         box.send_keys(prompt)
-        count = driver.find_element(By.CSS_SELECTOR, "#num-images input[type=number]")
-        count.send_keys(Keys.CONTROL, "a")
-        count.send_keys(str(pictures), Keys.TAB)
+        type_into("#num-images input[type=number]", str(pictures))
         driver.find_element(By.CSS_SELECTOR, "#generate").click()
-        wait.until(lambda d: "pictures in" in d.find_element(By.ID, "status").text)
-        loaded = "return [...document.querySelectorAll('#gallery img')].every(i => i.complete && i.naturalWidth > 0)"
-        wait.until(lambda d: d.execute_script(loaded))  # every picture has arrived and is drawn
-        shown = len(driver.find_elements(By.CSS_SELECTOR, "#gallery img"))
+        counts = {"generated": shown("gallery", "status", "pictures in")}
         driver.save_screenshot(str(screenshot))
-        return shown
+        if edit_box is not None:
+            driver.find_element(By.CSS_SELECTOR, "#gallery img").click()
+            wait.until(lambda d: d.find_element(By.ID, "edit-button").is_displayed())
+            for name, value in zip(("left", "top", "right", "bottom"), edit_box, strict=True):
+                type_into(f"#box-{name} input", str(value))
+            driver.find_element(By.ID, "edit-button").click()
+            counts["edited"] = shown("edits", "edit-status", "edits with seed")
+        return counts
     finally:
         driver.quit()
 
@@ -338,5 +353,6 @@ def browse(url: str, prompt: str, pictures: int, screenshot, user_data_dir) -> i
 def test_in_a_real_browser(server, tmp_path):
     _, demo, _, _ = server
     screenshot = tmp_path / "serve.png"
-    assert browse(demo.local_url, "a red star in the night sky", 3, screenshot, tmp_path / "profile") == 3
+    counts = browse(demo.local_url, "a red star in the night sky", 3, screenshot, tmp_path / "profile", (0, 8, 16, 16))
+    assert counts == {"generated": 3, "edited": 1 + 4}  # the picture clicked, and its four edits
     assert Image.open(screenshot).size[0] > 0

@@ -18,6 +18,7 @@ Ends with one JSON line: {"stage", "preset", "batch_size", "threads", "train_sam
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -81,7 +82,8 @@ def script_seconds_per_step(stage: Stage, args: argparse.Namespace, work: Path, 
         "--logging_steps", str(args.warmup), "--checkpointing_steps", "1000000", "--validation_steps", "1000000",
         "--lr_warmup_steps", "0", "--seed", str(args.seed), *stage.flags(args, work),
     ]  # fmt: skip
-    stage.main(argv)
+    with contextlib.redirect_stdout(sys.stderr):  # the script's own eval line; this benchmark prints one line
+        stage.main(argv)
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = [
         (row["step"], row["step_seconds"]) for row in logged if row["step"] > args.warmup and "step_seconds" in row

@@ -226,10 +226,19 @@ def _assemble(args: argparse.Namespace) -> None:
     from pipelines.text_to_image import TextToImagePipeline, check_sampling
 
     pipe = TextToImagePipeline.from_stages(args.vqvae, args.contrastive, args.prior)
-    try:
-        pipe.sampling = check_sampling(json.loads(args.sampling), pipe.prior.config.codebook_size)
-    except ValueError as err:  # a JSONDecodeError too
-        raise ValueError(f"--sampling: {err}") from err
+    codebook = pipe.prior.config.codebook_size
+
+    def settings(flag: str, given: str, base: dict) -> dict:
+        try:
+            chosen = json.loads(given)
+            if not isinstance(chosen, dict):
+                raise ValueError(f"sampling settings must be a JSON object, got {given}")
+            return check_sampling({**base, **chosen}, codebook)
+        except ValueError as err:  # a JSONDecodeError too
+            raise ValueError(f"{flag}: {err}") from err
+
+    pipe.sampling = settings("--sampling", args.sampling, {})
+    pipe.edit_sampling = settings("--edit-sampling", args.edit_sampling, pipe.sampling)
     print(f"wrote the pipeline to {pipe.save_pretrained(args.out, storage_dtype(args.dtype))}")
 
 
@@ -246,6 +255,11 @@ def _add_generate_cli(subparsers: argparse._SubParsersAction) -> None:
         default="{}",
         help='the model\'s default sampling settings as JSON, e.g. \'{"temperature": 0.9, "top_k": 100}\' '
         "(keys: guidance_scale, temperature, top_k, top_p, num_candidates, rerank)",
+    )
+    assemble.add_argument(
+        "--edit-sampling",
+        default="{}",
+        help="the model's default sampling settings for editing, the same keys; those left out are --sampling's",
     )
     assemble.set_defaults(func=_assemble)
 
@@ -287,7 +301,8 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rerank", help="how the best candidate is chosen: contrastive, contrastive+likelihood or contrastive-null"
     )
-    parser.epilog = 'Sampling flags left out take the model\'s defaults (the "sampling" entry of its pipeline.json).'
+    entry = "edit_sampling" if parser.prog.endswith(" edit") else "sampling"
+    parser.epilog = f'Sampling flags left out take the model\'s defaults (the "{entry}" entry of its pipeline.json).'
     parser.add_argument("--seed", type=integer(0, MAX_SEED), default=0)
     add_device_arg(parser)
 

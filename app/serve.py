@@ -246,6 +246,28 @@ def edit_inputs(editor: Any, box: tuple[Any, Any, Any, Any]) -> tuple[Image.Imag
     return picture, numbers
 
 
+def sampling_controls(defaults: dict[str, Any], tab: str) -> list[Any]:
+    """A tab's sampling fields (guidance, temperature, top-k, top-p, candidates, reranker), filled with `defaults`
+    (the model's sampling or edit sampling settings), in an accordion; call inside a gradio Blocks."""
+    import gradio as gr
+
+    with gr.Accordion("sampling (the model's defaults)", open=False, elem_id=f"{tab}-sampling"):
+        return [
+            gr.Slider(0, 20, value=defaults["guidance_scale"], step=0.1, label="guidance"),
+            gr.Slider(0.01, 2, value=defaults["temperature"], step=0.01, label="temperature"),
+            gr.Number(defaults["top_k"] or 0, precision=0, minimum=0, label="top-k (0: off)"),
+            gr.Slider(0.01, 1, value=defaults["top_p"] or 1, step=0.01, label="top-p (1: off)"),
+            gr.Slider(
+                1,
+                MAX_CANDIDATES,
+                value=defaults["num_candidates"],
+                step=1,
+                label="candidates (samples per picture; the best is kept)",
+            ),
+            gr.Dropdown(list(RERANKERS), value=defaults["rerank"], label="reranker"),
+        ]
+
+
 def build_app(
     pipe: TextToImagePipeline,
     search: ImageSearchPipeline | None,
@@ -257,7 +279,6 @@ def build_app(
     import gradio as gr
 
     worker = ModelWorker()
-    defaults = pipe.sampling
     tracker = gr.Progress()  # gradio gives each request its own from this default
 
     def generate(prompts, num_images, guidance_scale, temperature, top_k, top_p, num_candidates, rerank, seed,
@@ -343,18 +364,7 @@ def build_app(
                         num_images = gr.Slider(
                             1, MAX_IMAGES, value=4, step=1, label="pictures per prompt", elem_id="num-images"
                         )
-                        with gr.Accordion("sampling (the model's defaults)", open=False):
-                            guidance = gr.Slider(0, 20, value=defaults["guidance_scale"], step=0.1, label="guidance")
-                            temperature = gr.Slider(
-                                0.01, 2, value=defaults["temperature"], step=0.01, label="temperature"
-                            )
-                            top_k = gr.Number(defaults["top_k"] or 0, precision=0, minimum=0, label="top-k (0: off)")
-                            top_p = gr.Slider(0.01, 1, value=defaults["top_p"] or 1, step=0.01, label="top-p (1: off)")
-                            candidates = gr.Slider(
-                                1, MAX_CANDIDATES, value=defaults["num_candidates"], step=1,
-                                label="candidates (samples per picture; the best is kept)",
-                            )  # fmt: skip
-                            rerank = gr.Dropdown(list(RERANKERS), value=defaults["rerank"], label="reranker")
+                        sampling = sampling_controls(pipe.sampling, "generate")
                         seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="seed")
                         generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                     with gr.Column(scale=2):
@@ -365,7 +375,7 @@ def build_app(
                         grid = gr.Image(label="grid (download)", type="pil", format="png", interactive=False)
                 generate_button.click(
                     generate,
-                    [prompts, num_images, guidance, temperature, top_k, top_p, candidates, rerank, seed],
+                    [prompts, num_images, *sampling, seed],
                     [gallery, grid, status, pictures],
                     api_name="generate", concurrency_id="model", concurrency_limit=1,
                 )  # fmt: skip
@@ -385,8 +395,8 @@ def build_app(
                             ]
                         edit_prompts = gr.Textbox(label="prompts (one a line)", value="a red star on grass", lines=2)
                         edit_count = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="edits per prompt")
+                        edit_sampling = sampling_controls(pipe.edit_sampling, "edit")
                         edit_seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="seed")
-                        gr.Markdown("Sampling settings: those of the Generate tab.")
                         edit_button = gr.Button("Edit", variant="primary", elem_id="edit-button")
                     with gr.Column(scale=2):
                         edits = gr.Gallery(
@@ -395,8 +405,7 @@ def build_app(
                         edit_status = gr.Markdown(elem_id="edit-status")
                 edit_button.click(
                     edit,
-                    [editor, edit_prompts, edit_count, guidance, temperature, top_k, top_p, candidates, rerank,
-                     edit_seed, *box],
+                    [editor, edit_prompts, edit_count, *edit_sampling, edit_seed, *box],
                     [edits, edit_status],
                     api_name="edit", preprocess=False, concurrency_id="model", concurrency_limit=1,
                 )  # fmt: skip

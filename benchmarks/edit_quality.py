@@ -6,14 +6,14 @@
 
 Each of `--n` fresh pictures shows one object of a seen composition (random size and position); the mask is the
 object's box (`corpora.shapes.render_with_box`) grown by 4 pixels, and the prompt names another color and another
-shape on the same background ("a red star on grass"). `pipe.edit` draws the region with the model's default
-sampling settings and keeps the best of `--num-candidates` drawings, ranked with the whole grid's likelihood;
-the naive edit ranks the same drawings with the likelihood of the redrawn codes alone, never looking at the kept
-codes after them. The judge reads the blended edits. The PSNRs compare the tokenizer's drawing (`blend=False`)
-with the tokenizer's reconstruction of the input, over all pictures' pixels together: `outside_psnr` outside the
-mask grown by one code cell, `seam_psnr` on the ring one code cell wide just outside the mask. `edit_s_quarter`
-and `generate_s` time (median of `--repeats`) an edit of a centered quarter-area box and a generation from
-nothing, same settings. Ends with one JSON line.
+shape on the same background ("a red star on grass"). `pipe.edit` draws the region with the model's editing defaults
+(`edit_sampling` in its pipeline.json) and keeps the best of `--num-candidates` drawings, ranked with the whole
+grid's likelihood; the naive edit ranks the same drawings with the likelihood of the redrawn codes alone, never
+looking at the kept codes after them. The judge reads the blended edits. The PSNRs compare the tokenizer's drawing
+(`blend=False`) with the tokenizer's reconstruction of the input, over all pictures' pixels together: `outside_psnr`
+outside the mask grown by one code cell, `seam_psnr` on the ring one code cell wide just outside the mask.
+`edit_s_quarter` and `generate_s` time (median of `--repeats`) an edit of a centered quarter-area box and a
+generation from nothing, same settings. Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def main() -> None:
     pipe = TextToImagePipeline.from_pretrained(args.model).to(args.device)
     for name in ("num_candidates", "guidance_scale", "temperature"):
         if getattr(args, name) is not None:
-            pipe.sampling[name] = getattr(args, name)
+            pipe.edit_sampling[name] = getattr(args, name)
     judge = load_judge(device=args.device)
     resolution, grid = pipe.vqvae.config.resolution, pipe.prior.config.grid_size
     cell = resolution // grid
@@ -121,7 +121,8 @@ def main() -> None:
         edit(picture, quarter, prompt, True, repeat)
         timed["edit"].append(time.perf_counter() - begin)
         begin = time.perf_counter()
-        pipe(prompt, show_progress=False, generator=torch.Generator(args.device).manual_seed(args.seed + repeat))
+        generator = torch.Generator(args.device).manual_seed(args.seed + repeat)
+        pipe(prompt, **pipe.edit_sampling, show_progress=False, generator=generator)  # the edit's settings
         timed["generate"].append(time.perf_counter() - begin)
     edit_s, generate_s = statistics.median(timed["edit"]), statistics.median(timed["generate"])
     if args.sheet:
@@ -138,7 +139,7 @@ def main() -> None:
                 "generate_s": round(generate_s, 3),
                 "edit_over_generate": round(edit_s / generate_s, 3),
                 "pictures": len(jobs),
-                **pipe.sampling,
+                **pipe.edit_sampling,
                 "seconds": round(seconds, 1),
                 "model": args.model,
             }

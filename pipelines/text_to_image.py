@@ -7,7 +7,9 @@ A pipeline folder holds `pipeline.json` and one subfolder per stage (`vqvae/`, `
 `pipeline.json` names the subfolders and records each stage's `save_id`, so a folder whose stages come from
 different saves is refused. Subfolder names must be plain names, and a subfolder (or a file in it) that is a
 symlink must stay inside the pipeline folder. It also holds the model's default sampling settings
-(`"sampling"`), which calls that leave an argument out use. Any other key is refused.
+(`"sampling"`), which calls that leave an argument out use, and those of editing (`"edit_sampling"`, the same
+keys; any left out are those of `"sampling"`): redrawing a region against a kept picture is its own task, and
+the settings that serve it best differ. Any other key is refused.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from vqvae.model import VQVAE
 PIPELINE_NAME = "pipeline.json"
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "shapes-demo"  # the released shapes-world model
 STAGES = {"vqvae": VQVAE, "contrastive": ContrastiveModel, "prior": Prior}
-PIPELINE_KEYS = {"stages", "sampling"}  # what pipeline.json holds, and what each of its stages does:
+PIPELINE_KEYS = {"stages", "sampling", "edit_sampling"}  # what pipeline.json holds, and what each of its stages does:
 STAGE_KEYS = {"folder", "save_id"}
 OUTPUT_TYPES = ("pil", "np", "pt")
 ImageInput = Image.Image | str | os.PathLike  # a picture to complete: a PIL image or the path to one
@@ -233,12 +235,24 @@ def _check_keys(found: dict, known: set[str], where: str) -> None:
 
 
 class TextToImagePipeline:
-    def __init__(self, vqvae: VQVAE, contrastive: ContrastiveModel, prior: Prior, sampling: dict | None = None) -> None:
+    def __init__(
+        self,
+        vqvae: VQVAE,
+        contrastive: ContrastiveModel,
+        prior: Prior,
+        sampling: dict | None = None,
+        edit_sampling: dict | None = None,
+    ) -> None:
         """`sampling`: default sampling settings (any of SAMPLING_DEFAULTS' keys); `pipe.sampling` holds them
-        all and can be changed, e.g. `pipe.sampling["top_k"] = None`."""
+        all and can be changed, e.g. `pipe.sampling["top_k"] = None`. `edit_sampling`: those of `edit`, any left
+        out taken from `sampling`; `pipe.edit_sampling` holds them all."""
         check_compatible(vqvae, contrastive, prior)
         self.vqvae, self.contrastive, self.prior = vqvae.eval(), contrastive.eval(), prior.eval()
-        self.sampling = check_sampling({} if sampling is None else sampling, prior.config.codebook_size)
+        codebook = prior.config.codebook_size
+        self.sampling = check_sampling({} if sampling is None else sampling, codebook)
+        if edit_sampling is not None and not isinstance(edit_sampling, dict):
+            raise ValueError(f"edit sampling settings must be a JSON object, got {edit_sampling!r}")
+        self.edit_sampling = check_sampling({**self.sampling, **(edit_sampling or {})}, codebook)
 
     # ------------------------------------------------------------ loading and saving
 
@@ -277,7 +291,7 @@ class TextToImagePipeline:
                 raise ModelLoadError(f"{folder}: saved separately from this pipeline (save_id differs); save it again")
             models[name] = model_class.from_pretrained(folder)
         try:
-            return cls(**models, sampling=spec.get("sampling"))
+            return cls(**models, sampling=spec.get("sampling"), edit_sampling=spec.get("edit_sampling"))
         except ValueError as err:
             raise ModelLoadError(f"{root / PIPELINE_NAME}: {err}") from err
 
@@ -289,7 +303,7 @@ class TextToImagePipeline:
         for name in STAGES:
             folder = getattr(self, name).save_pretrained(root / name, dtype)
             stages[name] = {"folder": name, "save_id": read_json(folder / CONFIG_NAME)["save_id"]}
-        spec = {"stages": stages, "sampling": self.sampling}
+        spec = {"stages": stages, "sampling": self.sampling, "edit_sampling": self.edit_sampling}
         atomic_write_text(root / PIPELINE_NAME, json.dumps(spec, indent=2) + "\n")
         return root
 
@@ -337,7 +351,7 @@ class TextToImagePipeline:
         `callback(done, total)` is called after each of the prior's decoding steps, with the steps done and to do
         over the whole call; an exception it raises stops the call."""
         prompts = clean_prompts(prompt)
-        settings = self._settings(guidance_scale, temperature, top_k, top_p, num_candidates, rerank)
+        settings = self._settings(self.sampling, guidance_scale, temperature, top_k, top_p, num_candidates, rerank)
         self._check_call(prompts, num_images_per_prompt, output_type, batch_size, generator)
         kept, redraw = self._kept_rows(image, keep_rows, len(prompts))
         samples = self._draw(
@@ -372,7 +386,8 @@ class TextToImagePipeline:
         `mask` is a black-and-white picture (PIL or a 2-D NumPy array) of the image's size, white where to
         redraw, or a box `(left, top, right, bottom)` in the image's pixels. The image (and the mask with it) is
         resized and center-cropped as training images are; every code cell the mask touches is redrawn and every
-        other code kept. Sampling settings, `generator` and `num_images_per_prompt` work as in generation.
+        other code kept. Sampling settings, `generator` and `num_images_per_prompt` work as in generation;
+        settings left out take the model's editing defaults, `self.edit_sampling`.
 
         The prior draws the redrawn codes in raster order without seeing the kept codes after them, so each
         image is the best of `num_candidates` drawings, and the likelihood that rerankers weigh
@@ -383,7 +398,7 @@ class TextToImagePipeline:
         `BLEND_EDGE` pixels wide; `blend=False` returns the tokenizer's drawing of the whole grid. `out.scores`
         and `out.log_likelihoods` are those the candidates were ranked by. `callback` works as in generation."""
         prompts = clean_prompts(prompt)
-        settings = self._settings(guidance_scale, temperature, top_k, top_p, num_candidates, rerank)
+        settings = self._settings(self.edit_sampling, guidance_scale, temperature, top_k, top_p, num_candidates, rerank)
         self._check_call(prompts, num_images_per_prompt, output_type, batch_size, generator)
         picture = edit_picture(image)
         resolution = self.vqvae.config.resolution
@@ -400,10 +415,11 @@ class TextToImagePipeline:
             samples.pixels = samples.pixels * alpha + pixels * (1 - alpha)
         return samples.output(output_type)
 
-    def _settings(self, *given: object) -> Sampling:
-        """The pipeline's default sampling settings, with those given (in SAMPLING_DEFAULTS' order) on top."""
+    def _settings(self, defaults: dict, *given: object) -> Sampling:
+        """`defaults` (the pipeline's sampling or edit sampling settings) with those given (in SAMPLING_DEFAULTS'
+        order) on top."""
         chosen = {name: value for name, value in zip(SAMPLING_DEFAULTS, given, strict=True) if value is not None}
-        return Sampling(**check_sampling({**self.sampling, **chosen}, self.prior.config.codebook_size))
+        return Sampling(**check_sampling({**defaults, **chosen}, self.prior.config.codebook_size))
 
     def _check_call(
         self,

@@ -70,6 +70,33 @@ def test_a_full_mask_is_generation_with_the_same_seed(pipe, picture):
     assert torch.equal(edited.log_likelihoods, generated.log_likelihoods)
 
 
+def test_edits_take_the_models_edit_sampling_settings(pipe, picture, tmp_path):
+    """`edit_sampling` is edit's defaults, saved with the pipeline; settings it leaves out are `sampling`'s, and
+    generation keeps `sampling`."""
+    stages = (pipe.vqvae, pipe.contrastive, pipe.prior)
+    tuned = TextToImagePipeline(*stages, sampling={"temperature": 0.6}, edit_sampling={"num_candidates": 3})
+    assert tuned.edit_sampling == {**tuned.sampling, "num_candidates": 3}
+    assert tuned.sampling["num_candidates"] == 1
+    tuned.save_pretrained(tmp_path / "tuned")
+    loaded = TextToImagePipeline.from_pretrained(tmp_path / "tuned")
+    assert (loaded.sampling, loaded.edit_sampling) == (tuned.sampling, tuned.edit_sampling)
+
+    def edited(p, **settings):
+        return p.edit(picture, (5, 4, 11, 9), "a red star", generator=_gen(3), show_progress=False, **settings)
+
+    explicit = edited(pipe, temperature=0.6, num_candidates=3)
+    assert torch.equal(edited(loaded).codes, explicit.codes)
+    assert torch.equal(edited(loaded, num_candidates=1).codes, edited(pipe, temperature=0.6).codes)
+    generated = loaded("a red star", generator=_gen(3), show_progress=False)
+    assert torch.equal(
+        generated.codes, pipe("a red star", temperature=0.6, generator=_gen(3), show_progress=False).codes
+    )
+    with pytest.raises(ValueError, match="num_candidates"):
+        TextToImagePipeline(*stages, edit_sampling={"num_candidates": 0})
+    with pytest.raises(ValueError, match="JSON object"):
+        TextToImagePipeline(*stages, edit_sampling=[])
+
+
 def test_candidates_are_ranked_by_the_whole_grid_or_by_the_region(pipe, picture):
     box = (0, 0, 16, 8)  # the top half: every kept code follows the region
     settings = {**SETTINGS, "rerank": "contrastive+likelihood", "output_type": "pt"}

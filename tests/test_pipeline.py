@@ -242,9 +242,16 @@ def test_generate_command_writes_a_grid(pipe, tmp_path, capsys):
     sampling = '{"temperature": 0.8, "top_k": 5}'
     assert main(["assemble", *stages, "--out", str(tmp_path / "pipe"), "--sampling", sampling]) == 0
     assert TextToImagePipeline.from_pretrained(tmp_path / "pipe").sampling["top_k"] == 5
-    for bad in ('{"top_k": -1}', "{top_k: 5}"):
-        assert main(["assemble", *stages, "--out", str(tmp_path / "bad"), "--sampling", bad]) == 2
-        assert "--sampling" in capsys.readouterr().err
+    for flag in ("--sampling", "--edit-sampling"):
+        for bad in ('{"top_k": -1}', "{top_k: 5}", "[]"):
+            assert main(["assemble", *stages, "--out", str(tmp_path / "bad"), flag, bad]) == 2
+            assert capsys.readouterr().err.count(f"{flag}:") == 1
+    edits = '{"guidance_scale": 2.5}'
+    assert (
+        main(["assemble", *stages, "--out", str(tmp_path / "e"), "--sampling", sampling, "--edit-sampling", edits]) == 0
+    )
+    edit_defaults = TextToImagePipeline.from_pretrained(tmp_path / "e").edit_sampling
+    assert edit_defaults == {**SAMPLING_DEFAULTS, "temperature": 0.8, "top_k": 5, "guidance_scale": 2.5}
     out = tmp_path / "grid.png"
     assert main(["generate", "a blue ball on grass", "a red star", "--model", str(tmp_path / "pipe"),
                  "-n", "3", "--seed", "0", "--out", str(out)]) == 0  # fmt: skip
@@ -298,7 +305,7 @@ def test_a_stage_folder_symlinked_out_of_the_pipeline_is_refused(pipe, tmp_path)
     [
         (
             lambda spec: spec.update(comment="mine"),
-            "pipeline.json: unknown key 'comment' \\(known: sampling, stages\\)",
+            "pipeline.json: unknown key 'comment' \\(known: edit_sampling, sampling, stages\\)",
         ),
         (lambda spec: spec["stages"]["vqvae"].update(path="/etc"), "stage 'vqvae': unknown key 'path'"),
     ],

@@ -34,7 +34,8 @@ REQUEST = ("a blue ball on grass\na red star", 2, 2.0, 0.9, 10, 0.95, 2, "contra
 
 def _pipe(seed: int = 0) -> TextToImagePipeline:
     torch.manual_seed(seed)
-    return TextToImagePipeline(VQVAE(VQ_PRESETS["tiny"]), ContrastiveModel(CLIP_PRESETS["tiny"]), Prior(PRIOR))
+    stages = VQVAE(VQ_PRESETS["tiny"]), ContrastiveModel(CLIP_PRESETS["tiny"]), Prior(PRIOR)
+    return TextToImagePipeline(*stages, edit_sampling={"guidance_scale": 2.5, "num_candidates": 3})
 
 
 def _start(pipe, tmp_path_factory, **options):
@@ -87,11 +88,18 @@ def test_generate_returns_the_pictures_of_the_python_api_for_the_same_seed(serve
 
 
 def test_the_model_defaults_fill_the_form(server):
+    """Generate shows the model's sampling settings; Edit its edit sampling settings, which differ here."""
     pipe, demo, _, _ = server
-    values = {b.label: b.value for b in demo.blocks.values() if isinstance(b, gr.components.Component)}
-    assert values["temperature"] == pipe.sampling["temperature"]
-    assert values["reranker"] == pipe.sampling["rerank"]
-    assert values["candidates (samples per picture; the best is kept)"] == pipe.sampling["num_candidates"]
+    components = [b for b in demo.blocks.values() if isinstance(b, gr.components.Component)]
+
+    def values(label: str) -> list:
+        return [b.value for b in components if b.label == label]
+
+    assert pipe.sampling["guidance_scale"] != pipe.edit_sampling["guidance_scale"]
+    assert values("guidance") == [pipe.sampling["guidance_scale"], pipe.edit_sampling["guidance_scale"]]
+    assert values("temperature") == [pipe.sampling["temperature"], pipe.edit_sampling["temperature"]]
+    assert values("reranker") == [pipe.sampling["rerank"], pipe.edit_sampling["rerank"]]
+    assert values("candidates (samples per picture; the best is kept)") == [1, 3]
 
 
 def test_search_by_text_and_by_picture(server):

@@ -22,7 +22,8 @@ if [[ "${DRY_RUN:-0}" == "1" ]]; then
     last_line "$PYTHON" benchmarks/train_throughput.py --stage contrastive --preset tiny --batch 2 --mixed-precision bf16 "${common[@]}"
     last_line "$PYTHON" benchmarks/train_throughput.py --stage prior --preset tiny --batch 2 --grid 4 --codebook-size 16 \
         --text-width 32 --text-length 16 --mixed-precision bf16 "${common[@]}"
-    last_line "$PYTHON" benchmarks/train_memory.py --preset tiny --grid 4 --batch 2 --codebook-size 16 --text-width 32 \
+    # large enough that its activations leave the allocator's heap, so the process's peak memory sees them
+    last_line "$PYTHON" benchmarks/train_memory.py --preset tiny --grid 8 --batch 8 --codebook-size 512 --text-width 32 \
         --text-length 16 --steps 1 --device cpu
     last_line "$PYTHON" benchmarks/decode_speed.py --dim 32 --layers 1 --heads 2 --text-length 8 --batch 2 --repeats 1 \
         --device cpu

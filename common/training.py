@@ -117,6 +117,7 @@ class TrainingConfig:
     dataloader_num_workers: int = 0
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
     compile: bool = False  # torch.compile the model
+    cpu_threads: int | None = None  # torch threads per process without a GPU (None: see `cpu_threads`)
 
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir)
@@ -129,6 +130,8 @@ class TrainingConfig:
             "validation_steps",
             "logging_steps",
         )
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"--cpu_threads must be at least 1, got {self.cpu_threads}")
         for name in at_least_one:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
@@ -226,7 +229,38 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> None:
         "about a third more compute",
     )
     g.add_argument("--compile", action="store_true", help="run the model through torch.compile (first steps slower)")
+    g.add_argument(
+        "--cpu_threads",
+        type=integer(1),
+        default=d.cpu_threads,
+        help="torch threads per process on a machine without a GPU (default: under accelerate launch, which sets "
+        "OMP_NUM_THREADS=1, the machine's cores shared among its processes; otherwise torch's own choice)",
+    )
     parser.set_defaults(**defaults)
+
+
+LAUNCHED_BY_ACCELERATE = "ACCELERATE_DYNAMO_BACKEND"  # in the environment of every process `accelerate launch` starts
+
+
+def cpu_threads(requested: int | None) -> int | None:
+    """The torch threads a training process takes: `requested` when given; on a machine without a GPU under
+    `accelerate launch`, which sets OMP_NUM_THREADS=1 unless told otherwise (and so ran a one-process training on
+    one core of many), the machine's cores shared among its processes on it; else None, torch's own choice (all
+    cores, or OMP_NUM_THREADS)."""
+    if requested is not None:
+        return requested
+    launched = LAUNCHED_BY_ACCELERATE in os.environ and os.environ.get("OMP_NUM_THREADS") == "1"
+    if torch.cuda.is_available() or not launched:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def set_cpu_threads(settings: TrainingConfig) -> None:
+    """Give this process the torch threads `cpu_threads` chooses; a training script calls it before any work."""
+    threads = cpu_threads(settings.cpu_threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -516,6 +550,8 @@ class Trainer:
             model.compile()  # in place: names in the state dict, checkpoints and saved models stay the same
         optimizer = make_optimizer(model, settings)
         self.accelerator.print(describe_groups(model, settings.adam_weight_decay))
+        if self.accelerator.device.type == "cpu":
+            self.accelerator.print(f"torch threads: {torch.get_num_threads()} per process (--cpu_threads)")
         schedule = lr_lambda(
             settings.lr_scheduler, settings.lr_warmup_steps, settings.lr_schedule_steps or settings.max_train_steps
         )

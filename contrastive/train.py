@@ -36,6 +36,7 @@ from common.training import (
     add_training_args,
     require_validation,
     run_script,
+    set_cpu_threads,
     write_eval,
 )
 from contrastive.evaluate import caption_key, retrieval_metrics
@@ -110,6 +111,7 @@ def make_loss():
 def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
     args = parse_args(argv)
     settings = TrainingConfig.from_args(args)  # refuses bad training flags before the data is read
+    set_cpu_threads(settings)
     set_seed(args.seed)
     data = load_image_text(DataConfig.from_args(args), seed=args.seed)
     require_validation(data.validation)

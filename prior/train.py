@@ -37,6 +37,7 @@ from common.training import (
     TrainingConfig,
     add_training_args,
     run_script,
+    set_cpu_threads,
     write_eval,
 )
 from contrastive.model import ContrastiveConfig, ContrastiveModel
@@ -179,6 +180,7 @@ def sample_grid(
 def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
     args = parse_args(argv)
     settings = TrainingConfig.from_args(args)  # refuses bad training flags before the data is read
+    set_cpu_threads(settings)
     # the Trainer's Accelerator joins this state; encoding the codes may keep one process waiting for the others
     # longer than a collective's default timeout
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=datetime.timedelta(hours=12))

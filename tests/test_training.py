@@ -19,6 +19,7 @@ from common.training import (
     Trainer,
     TrainingConfig,
     add_training_args,
+    cpu_threads,
     list_checkpoints,
     make_optimizer,
     run_script,
@@ -27,6 +28,7 @@ from contrastive.model import PRESETS as CONTRASTIVE_PRESETS
 from contrastive.model import ContrastiveModel
 from prior.model import PRESETS as PRIOR_PRESETS
 from prior.model import Prior
+from tests.launch import ROOT
 from vqvae.gan import VQGAN, PatchDiscriminator
 from vqvae.model import PRESETS as VQVAE_PRESETS
 from vqvae.model import VQVAE
@@ -359,3 +361,37 @@ def test_a_second_run_on_one_output_folder_names_the_process_that_holds_it(tmp_p
     (tmp_path / "checkpoints" / ".tmp-checkpoint-4").mkdir(parents=True)
     Trainer(_settings(tmp_path), torch.nn.Linear(4, 1), Rows(), _loss, collate=torch.stack).fit()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [f"checkpoint-{s}" for s in (2, 4, 6)]
+
+
+def test_accelerate_launch_on_a_cpu_gets_every_core_not_one(tmp_path):
+    """`accelerate launch` without --cpu sets OMP_NUM_THREADS=1 on a machine with no GPU, which ran training on one
+    core of many; a training process takes the machine's cores instead, or --cpu_threads."""
+    script = tmp_path / "threads.py"
+    script.write_text(
+        "import sys, torch\n"
+        "from common.training import TrainingConfig, set_cpu_threads\n"
+        "requested = int(sys.argv[1]) if len(sys.argv) > 1 else None\n"
+        "set_cpu_threads(TrainingConfig(output_dir='unused', cpu_threads=requested))\n"
+        "print('threads', torch.get_num_threads())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
+    launcher += ["--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
+    cores = len(os.sched_getaffinity(0))
+    for extra, expected in (([], cores), (["1"], 1)):
+        result = subprocess.run([*launcher, *extra], env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                                text=True, timeout=120, check=True)  # fmt: skip
+        assert f"threads {expected}\n" in result.stdout, result.stdout + result.stderr
+
+
+def test_cpu_threads_are_shared_among_launched_processes_and_left_alone_otherwise(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cpu_threads(None) is None and cpu_threads(3) == 3  # not launched: torch's own choice, or the flag's
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "no")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert cpu_threads(None) == max(1, cores // 2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # chosen with --num_cpu_threads_per_process: kept
+    assert cpu_threads(None) is None

@@ -29,6 +29,7 @@ from common.training import (
     add_training_args,
     require_validation,
     run_script,
+    set_cpu_threads,
     write_eval,
 )
 from vqvae.evaluate import evaluate, reconstruction_grid
@@ -147,6 +148,7 @@ def make_loss(args: argparse.Namespace):
 def main(argv: Sequence[str] | None = None) -> dict[str, float] | None:
     args = parse_args(argv)
     settings = TrainingConfig.from_args(args)  # refuses bad training flags before the data is read
+    set_cpu_threads(settings)
     set_seed(args.seed)
     model, compute_loss = build_model(args), make_loss(args)  # bad flags and missing weights fail before the data
     data = load_image_text(DataConfig.from_args(args), seed=args.seed)

@@ -4,25 +4,28 @@
     python benchmarks/throughput.py --stage tokenizer
     python benchmarks/throughput.py --stage prior
 
-The training side runs the stage's training script (`contrastive.train`, `vqvae.train`, `prior.train`) in this
-process on a shapes-world imagefolder (`--data`, else one of `--num-images` built in a temporary folder) with
-`--cache_images`, and reads the step times it logs in `metrics.jsonl` after `--warmup` steps. The ceiling is the
-same model's forward, loss, backward, gradient clipping and optimizer step (the optimizer the Trainer makes) on
-one random batch held in memory, with nothing else. Both sides run `--rounds` times, interleaved, on `--threads`
-threads, so that other load on the machine slows them alike.
+The training side runs the stage's training script (`contrastive.train`, `vqvae.train`, `prior.train`) as a user
+does, with `accelerate launch` in one process, on a shapes-world imagefolder (`--data`, else one of `--num-images`
+built in a temporary folder) with `--cache_images`, and reads the step times it logs in `metrics.jsonl` after
+`--warmup` steps. The ceiling is the same model's forward, loss, backward, gradient clipping and optimizer step
+(the optimizer the Trainer makes) on one random batch held in memory, with nothing else, in this process. Both
+sides run `--rounds` times, interleaved, so that other load on the machine slows them alike: the ceiling on
+`--threads` threads (default: all cores), the script on as many as it takes by default (`--cpu_threads` with
+`--threads`), which the result names.
 
-Ends with one JSON line: {"stage", "preset", "batch_size", "threads", "train_samples_per_s",
+Ends with one JSON line: {"stage", "preset", "batch_size", "threads", "train_threads", "train_samples_per_s",
 "ceiling_samples_per_s", "ratio", "rounds": [[train, ceiling], ...], "load_average": [before, after], ...}.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +47,7 @@ class Stage:
 
     preset: str
     batch_size: int
-    main: Callable[[Sequence[str]], object]  # the training script's `main(argv)`
+    module: str  # the training script, run as `accelerate launch -m module`
     flags: Callable[[argparse.Namespace, Path], list[str]]  # the stage's own flags (frozen stages, ...)
     ceiling: Callable[[Stage, argparse.Namespace, Path], tuple[torch.nn.Module, Callable[[], torch.Tensor]]]
     defaults: TrainingConfig  # the optimizer settings of the stage's script
@@ -70,10 +73,13 @@ def timed_steps(model: torch.nn.Module, loss: Callable[[], torch.Tensor], settin
     return run
 
 
-def script_seconds_per_step(stage: Stage, args: argparse.Namespace, work: Path, data: Path, run: int) -> float:
-    """Run the stage's training script for `warmup + steps` steps; the mean wall time of the steps after the
-    warm-up, from the `step_seconds` it logs every `warmup` steps."""
-    out = work / f"{stage.main.__module__}-{run}"
+def script_seconds_per_step(
+    stage: Stage, args: argparse.Namespace, work: Path, data: Path, run: int
+) -> tuple[float, int | None]:
+    """Run the stage's training script for `warmup + steps` steps with `accelerate launch`; the mean wall time of
+    the steps after the warm-up, from the `step_seconds` it logs every `warmup` steps, and the torch threads it
+    says it took (None on a GPU)."""
+    out = work / f"{stage.module}-{run}"
     shutil.rmtree(out, ignore_errors=True)  # a fresh run, not a resumed one
     argv = [
         "--train_data_dir", str(data), "--output_dir", str(out), "--preset", stage.preset, "--cache_images",
@@ -81,9 +87,18 @@ def script_seconds_per_step(stage: Stage, args: argparse.Namespace, work: Path, 
         "--train_batch_size", str(stage.batch_size), "--max_train_steps", str(args.warmup + args.steps),
         "--logging_steps", str(args.warmup), "--checkpointing_steps", "1000000", "--validation_steps", "1000000",
         "--lr_warmup_steps", "0", "--seed", str(args.seed), *stage.flags(args, work),
+        *(["--cpu_threads", str(args.threads)] if args.threads else []),
     ]  # fmt: skip
-    with contextlib.redirect_stdout(sys.stderr):  # the script's own eval line; this benchmark prints one line
-        stage.main(argv)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("OMP_NUM_THREADS", None)  # as on a machine where nobody set it
+    result = subprocess.run(
+        [*launcher, "-m", stage.module, *argv], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+    )
+    if result.returncode:
+        raise SystemExit(f"{stage.module} failed:\n{(result.stdout + result.stderr)[-3000:]}")
+    threads = re.search(r"torch threads: (\d+)", result.stdout)
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = [
         (row["step"], row["step_seconds"]) for row in logged if row["step"] > args.warmup and "step_seconds" in row
@@ -92,7 +107,7 @@ def script_seconds_per_step(stage: Stage, args: argparse.Namespace, work: Path, 
     for step, per_step in timed:  # each log covers the steps since the previous one
         seconds += per_step * (step - previous)
         previous = step
-    return seconds / (previous - args.warmup)
+    return seconds / (previous - args.warmup), int(threads.group(1)) if threads else None
 
 
 # ---------------------------------------------------------------- the stages
@@ -183,20 +198,18 @@ PRIOR_TOKENIZER, PRIOR_TEXT_ENCODER = "f4", "mini"  # the released model's CPU-s
 
 
 def _stages() -> dict[str, Stage]:
-    from contrastive import train as contrastive_train
-    from prior import train as prior_train
-    from vqvae import train as vqvae_train
+    import importlib
 
-    def defaults(module, flags: Sequence[str] = ()) -> TrainingConfig:
+    def defaults(module: str, flags: Sequence[str] = ()) -> TrainingConfig:
         argv = ["--output_dir", "unused", "--train_data_dir", "unused", *flags]
-        return TrainingConfig.from_args(module.parse_args(argv))
+        return TrainingConfig.from_args(importlib.import_module(module).parse_args(argv))
 
     return {
-        "contrastive": Stage("base", 64, contrastive_train.main, lambda a, w: [], _contrastive_ceiling,
-                             defaults(contrastive_train)),
-        "tokenizer": Stage("f4", 32, vqvae_train.main, lambda a, w: [], _tokenizer_ceiling, defaults(vqvae_train)),
-        "prior": Stage("small", 16, prior_train.main, _prior_flags, _prior_ceiling,
-                       defaults(prior_train, ["--vqvae", "unused", "--contrastive", "unused"])),
+        "contrastive": Stage("base", 64, "contrastive.train", lambda a, w: [], _contrastive_ceiling,
+                             defaults("contrastive.train")),
+        "tokenizer": Stage("f4", 32, "vqvae.train", lambda a, w: [], _tokenizer_ceiling, defaults("vqvae.train")),
+        "prior": Stage("small", 16, "prior.train", _prior_flags, _prior_ceiling,
+                       defaults("prior.train", ["--vqvae", "unused", "--contrastive", "unused"])),
     }  # fmt: skip
 
 
@@ -219,14 +232,15 @@ def main(argv: Sequence[str] | None = None, stage_name: str | None = None) -> di
     )
     parser.add_argument("--preset", help="the model preset (default: the stage's)")
     parser.add_argument("--batch-size", type=int, help="default: the stage's")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, help="torch threads of both sides (default: each side's own choice)")
     parser.add_argument("--warmup", type=int, default=5, help="steps of each training run left out")
     parser.add_argument("--steps", type=int, default=20, help="timed steps of each side in each round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     name = stage_name or args.stage
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     stage = _stages()[name]
     stage.preset = args.preset or stage.preset
     stage.batch_size = args.batch_size or stage.batch_size
@@ -238,12 +252,12 @@ def main(argv: Sequence[str] | None = None, stage_name: str | None = None) -> di
         model, loss = stage.ceiling(stage, args, work)
         ceiling = timed_steps(model, loss, stage.defaults, args.steps)
         ceiling(2)  # warm-up
-        rounds = []
+        rounds, train_threads = [], None
         for r in range(args.rounds):  # A B, B A, ...: neither side always runs first
             sides = {}
             for side in ("train", "ceiling") if r % 2 == 0 else ("ceiling", "train"):
                 if side == "train":
-                    sides[side] = script_seconds_per_step(stage, args, work, data, r)
+                    sides[side], train_threads = script_seconds_per_step(stage, args, work, data, r)
                 else:
                     sides[side] = ceiling() / args.steps
             rounds.append([round(stage.batch_size / sides["train"], 2), round(stage.batch_size / sides["ceiling"], 2)])
@@ -254,6 +268,7 @@ def main(argv: Sequence[str] | None = None, stage_name: str | None = None) -> di
         "preset": stage.preset,
         "batch_size": stage.batch_size,
         "threads": torch.get_num_threads(),
+        "train_threads": train_threads,
         "train_samples_per_s": round(train, 2),
         "ceiling_samples_per_s": round(top, 2),
         "ratio": round(train / top, 3),

@@ -351,7 +351,15 @@ class TextToImagePipeline:
         `callback(done, total)` is called after each of the prior's decoding steps, with the steps done and to do
         over the whole call; an exception it raises stops the call."""
         prompts = clean_prompts(prompt)
-        settings = self._settings(self.sampling, guidance_scale, temperature, top_k, top_p, num_candidates, rerank)
+        settings = self._settings(
+            self.sampling,
+            guidance_scale=guidance_scale,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            num_candidates=num_candidates,
+            rerank=rerank,
+        )
         self._check_call(prompts, num_images_per_prompt, output_type, batch_size, generator)
         kept, redraw = self._kept_rows(image, keep_rows, len(prompts))
         samples = self._draw(
@@ -398,7 +406,15 @@ class TextToImagePipeline:
         `BLEND_EDGE` pixels wide; `blend=False` returns the tokenizer's drawing of the whole grid. `out.scores`
         and `out.log_likelihoods` are those the candidates were ranked by. `callback` works as in generation."""
         prompts = clean_prompts(prompt)
-        settings = self._settings(self.edit_sampling, guidance_scale, temperature, top_k, top_p, num_candidates, rerank)
+        settings = self._settings(
+            self.edit_sampling,
+            guidance_scale=guidance_scale,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            num_candidates=num_candidates,
+            rerank=rerank,
+        )
         self._check_call(prompts, num_images_per_prompt, output_type, batch_size, generator)
         picture = edit_picture(image)
         resolution = self.vqvae.config.resolution
@@ -415,10 +431,10 @@ class TextToImagePipeline:
             samples.pixels = samples.pixels * alpha + pixels * (1 - alpha)
         return samples.output(output_type)
 
-    def _settings(self, defaults: dict, *given: object) -> Sampling:
-        """`defaults` (the pipeline's sampling or edit sampling settings) with those given (in SAMPLING_DEFAULTS'
-        order) on top."""
-        chosen = {name: value for name, value in zip(SAMPLING_DEFAULTS, given, strict=True) if value is not None}
+    def _settings(self, defaults: dict, **given: object) -> Sampling:
+        """`defaults` (the pipeline's sampling or edit sampling settings) with the settings given (not None) on
+        top."""
+        chosen = {name: value for name, value in given.items() if value is not None}
         return Sampling(**check_sampling({**defaults, **chosen}, self.prior.config.codebook_size))
 
     def _check_call(

@@ -53,9 +53,11 @@ train prior.train "$RUNS/prior" --train_data_dir "$DATA" --preset small --vqvae 
     --train_batch_size "$PRIOR_BATCH" --learning_rate 5e-4 --lr_warmup_steps 500 --adam_weight_decay 0.05 \
     --validation_steps 2000
 
-# Default sampling settings, chosen by benchmarks/sampling_sweep.py on prompts the benchmarks never use.
+# Default sampling settings, chosen by benchmarks/sampling_sweep.py on prompts the benchmarks never use; editing's
+# by benchmarks/edit_rerank_analysis.py on edits of other pictures than those benchmarks/edit_quality.py reports.
 "$BIN/vqclip" assemble --vqvae "$RUNS/vqvae" --contrastive "$RUNS/contrastive" --prior "$RUNS/prior" --out "$OUT" \
-    --dtype float16 --sampling '{"guidance_scale": 1, "temperature": 0.7, "num_candidates": 8, "rerank": "contrastive+likelihood"}'
+    --dtype float16 --sampling '{"guidance_scale": 1, "temperature": 0.7, "num_candidates": 8, "rerank": "contrastive+likelihood"}' \
+    --edit-sampling '{"guidance_scale": 4, "num_candidates": 32}'
 if [ "$SMOKE" = 1 ]; then
     echo "SMOKE=1: skipping the sampling sweep and the benchmarks (they take about an hour on a CPU)"
     "$BIN/vqclip" generate "a blue ball on grass" --model "$OUT" -n 2 --num-candidates 1 --out "$RUNS/smoke.png"

@@ -244,7 +244,7 @@ LAUNCHED_BY_ACCELERATE = "ACCELERATE_DYNAMO_BACKEND"  # in the environment of ev
 
 def cpu_threads(requested: int | None) -> int | None:
     """The torch threads a training process takes: `requested` when given; on a machine without a GPU under
-    `accelerate launch`, which sets OMP_NUM_THREADS=1 unless told otherwise (and so ran a one-process training on
+    `accelerate launch`, which sets OMP_NUM_THREADS=1 unless told otherwise (a one-process training would then use
     one core of many), the machine's cores shared among its processes on it; else None, torch's own choice (all
     cores, or OMP_NUM_THREADS)."""
     if requested is not None:

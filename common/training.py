@@ -242,15 +242,26 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> None:
 LAUNCHED_BY_ACCELERATE = "ACCELERATE_DYNAMO_BACKEND"  # in the environment of every process `accelerate launch` starts
 
 
+def _launcher_chose_one_thread() -> bool:
+    """Whether OMP_NUM_THREADS=1 is `accelerate launch`'s own default rather than its user's setting: the launcher
+    (this process's parent) started without OMP_NUM_THREADS. Where that cannot be read (no /proc), it is assumed."""
+    if LAUNCHED_BY_ACCELERATE not in os.environ or os.environ.get("OMP_NUM_THREADS") != "1":
+        return False
+    try:
+        inherited = Path(f"/proc/{os.getppid()}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return True
+    return not any(entry.startswith(b"OMP_NUM_THREADS=") for entry in inherited)
+
+
 def cpu_threads(requested: int | None) -> int | None:
     """The torch threads a training process takes: `requested` when given; on a machine without a GPU under
-    `accelerate launch`, which sets OMP_NUM_THREADS=1 unless told otherwise (a one-process training would then use
-    one core of many), the machine's cores shared among its processes on it; else None, torch's own choice (all
-    cores, or OMP_NUM_THREADS)."""
+    `accelerate launch`, which sets OMP_NUM_THREADS=1 when its user did not set it (a one-process training would
+    then use one core of many), the machine's cores shared among its processes on it; else None, torch's own
+    choice (all cores, or OMP_NUM_THREADS)."""
     if requested is not None:
         return requested
-    launched = LAUNCHED_BY_ACCELERATE in os.environ and os.environ.get("OMP_NUM_THREADS") == "1"
-    if torch.cuda.is_available() or not launched:
+    if torch.cuda.is_available() or not _launcher_chose_one_thread():
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))

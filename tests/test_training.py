@@ -378,14 +378,16 @@ def test_accelerate_launch_on_a_cpu_gets_every_core_not_one(tmp_path):
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
     launcher += ["--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
     cores = len(os.sched_getaffinity(0))
-    for extra, expected in (([], cores), (["1"], 1)):
-        result = subprocess.run([*launcher, *extra], env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True,
+    # the launcher's default, --cpu_threads, and OMP_NUM_THREADS=1 set by whoever ran the launcher (kept)
+    for extra, omp, expected in (([], {}, cores), (["1"], {}, 1), ([], {"OMP_NUM_THREADS": "1"}, 1)):
+        result = subprocess.run([*launcher, *extra], env={**env, **omp, "PYTHONPATH": str(ROOT)}, capture_output=True,
                                 text=True, timeout=120, check=True)  # fmt: skip
         assert f"threads {expected}\n" in result.stdout, result.stdout + result.stderr
 
 
 def test_cpu_threads_are_shared_among_launched_processes_and_left_alone_otherwise(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(os, "getppid", lambda: -1)  # no parent's environment to read: the launcher's default
     cores = len(os.sched_getaffinity(0))
     monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND", raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

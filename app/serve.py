@@ -46,6 +46,7 @@ MAX_UPLOAD = "10mb"  # gradio refuses larger uploads before they reach a handler
 MAX_UPLOAD_PIXELS = 4096 * 4096
 QUEUE_SIZE = 8  # requests waiting for the model; one more is answered "busy"
 POLL_SECONDS = 0.2  # how often a waiting request reports progress and notices that its client left
+ABANDONED_SECONDS = 5.0  # a model call whose request stopped polling this long, without closing, is stopped
 CELL = 128  # side of a picture in the downloadable grid; search results are at most twice that
 
 
@@ -57,8 +58,9 @@ class ModelWorker:
     """Runs model calls one at a time in a background thread.
 
     A request iterates `run(...)` while the call runs, yielding `idle` every POLL_SECONDS and reporting
-    progress. When the request stops iterating (gradio closes it when its client leaves or cancels), the call
-    raises `Cancelled` at its next drawing step and frees the model.
+    progress. When the request is closed (gradio closes it when its client leaves or cancels), the call
+    raises `Cancelled` at its next drawing step and frees the model. A request dropped without being closed
+    (its task cancelled before gradio kept hold of it) stops polling: the call is stopped ABANDONED_SECONDS later.
     """
 
     def __init__(self) -> None:
@@ -67,11 +69,11 @@ class ModelWorker:
 
     def run(self, call: Callable[[Callable[[int, int], None]], Any], progress: Any, idle: Any) -> Generator:
         stop = threading.Event()
-        state = {"done": 0, "total": 0}
+        state = {"done": 0, "total": 0, "polled": time.monotonic()}
         outcome: dict[str, Any] = {}
 
         def on_step(done: int, total: int) -> None:
-            if stop.is_set():
+            if stop.is_set() or time.monotonic() - state["polled"] > ABANDONED_SECONDS:
                 raise Cancelled
             self.steps += 1
             state["done"], state["total"] = done, total
@@ -93,6 +95,7 @@ class ModelWorker:
                 if state["total"]:
                     progress((state["done"], state["total"]), desc="drawing codes", unit="steps")
                 yield idle
+                state["polled"] = time.monotonic()
         finally:
             stop.set()
         if "error" in outcome:

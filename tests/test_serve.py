@@ -269,20 +269,39 @@ def _stops(worker) -> None:
 
 def test_a_full_queue_answers_busy_at_once_and_a_cancelled_request_stops(slow_server):
     worker = slow_server.worker
-    client = Client(slow_server.local_url, verbose=False)
-    running = client.submit(*BIG, api_name="/generate")
+    # one client (one browser tab) each: gradio's cancel stops every run of its session's function
+    clients = [Client(slow_server.local_url, verbose=False) for _ in range(3)]
+    running = clients[0].submit(*BIG, api_name="/generate")
     _wait_for(lambda: worker.steps > 0)
-    waiting = client.submit(*BIG, api_name="/generate")
+    waiting = clients[1].submit(*BIG, api_name="/generate")
     _wait_for(lambda: waiting.status().code.name == "IN_QUEUE")
     start = time.monotonic()
     with pytest.raises(QueueError):
-        client.submit(*BIG, api_name="/generate").result(timeout=10)
+        clients[2].submit(*BIG, api_name="/generate").result(timeout=10)
     assert time.monotonic() - start < 3
     waiting.cancel()
     running.cancel()
     _stops(worker)
     assert not running.done() or running.status().code.name in ("CANCELLED", "FINISHED")
-    client.close()
+    for client in clients:
+        client.close()
+
+
+def test_a_request_dropped_without_being_closed_stops_its_model_call(monkeypatch):
+    """gradio may cancel a request's task before it keeps hold of the request: nobody closes it then."""
+    monkeypatch.setattr(serve, "ABANDONED_SECONDS", 0.5)
+    worker, steps = serve.ModelWorker(), []
+
+    def call(on_step):
+        for step in range(1000):
+            time.sleep(0.01)
+            on_step(step, 1000)
+            steps.append(step)
+
+    request = worker.run(call, lambda *args, **kwargs: None, None)
+    next(request)  # polled once, then neither polled again nor closed
+    _wait_for(lambda: not worker.lock.locked(), seconds=5.0)
+    assert 0 < len(steps) < 1000
 
 
 def test_a_client_that_leaves_leaves_no_work_running(slow_server):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +23,16 @@ def launch_command(
         launcher += ["--config_file", str(config_file)]
     else:
         launcher += ["--multi_gpu"] if num_processes > 1 else ["--cpu"]
+    if num_processes > 1:  # a port of its own, so that launches of tests run side by side never meet
+        launcher += ["--main_process_port", str(free_port())]
     launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     return [*launcher, *(["-m", module] if as_module else [module]), *args]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 LAUNCH_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

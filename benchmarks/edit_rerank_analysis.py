@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, help="default: the model's editing default")
     parser.add_argument("--seed", type=int, default=7, help="seeds the pictures, the prompts and the sampling")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--save", help="save every drawing's scores and verdict here (torch.save)")
     args = parser.parse_args()
 
     pipe = TextToImagePipeline.from_pretrained(args.model).to(args.device)
@@ -66,6 +67,8 @@ def main() -> None:
             log_probs = logits.float().log_softmax(-1).gather(2, codes[..., None])[..., 0].cpu()
         matches = torch.tensor(judge.score(out.prompts, out.images).matches)
         groups.append((out.scores, out.null_scores, log_probs, redrawn.cpu(), matches))
+    if args.save:  # per edit: contrastive and null scores, each code's log-probability, the redrawn codes, verdicts
+        torch.save(groups, args.save)
 
     def picked(k: int, rerank: str, fitted: bool) -> torch.Tensor:
         hits = []

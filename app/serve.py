@@ -46,7 +46,7 @@ MAX_UPLOAD = "10mb"  # gradio refuses larger uploads before they reach a handler
 MAX_UPLOAD_PIXELS = 4096 * 4096
 QUEUE_SIZE = 8  # requests waiting for the model; one more is answered "busy"
 POLL_SECONDS = 0.2  # how often a waiting request reports progress and notices that its client left
-ABANDONED_SECONDS = 5.0  # a model call whose request stopped polling this long, without closing, is stopped
+ABANDONED_SECONDS = 10.0  # a model call whose request stopped polling this long, without closing, is stopped
 CELL = 128  # side of a picture in the downloadable grid; search results are at most twice that
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,13 +24,9 @@ import threading
 import time
 from pathlib import Path
 
+from common.net import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _rss_mb(pid: int) -> float:
@@ -114,7 +109,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/"
     command = [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())", "serve",
                "--port", str(port), "--queue-size", str(args.queue_size), "--device", args.device]  # fmt: skip

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from safetensors.torch import load_file
+
+from common.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,12 +28,6 @@ def launch_command(
         launcher += ["--main_process_port", str(free_port())]
     launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     return [*launcher, *(["-m", module] if as_module else [module]), *args]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 LAUNCH_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

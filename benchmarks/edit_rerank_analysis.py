@@ -8,7 +8,9 @@ pictures, masks and prompts; seed 7 by default, so that settings are chosen on o
 that benchmark reports), lets the judge check every drawing, and reports for the first k drawings (k = 8, 16, 24,
 32, 48 up to `--num-candidates`): the match rate of single drawings, the best possible pick (an edit counts if
 any of its drawings matches), and what each reranker picks; `contrastive+likelihood` weighs the likelihood of the
-whole grid, as `pipe.edit` ranks, and `contrastive+likelihood naive` that of the redrawn codes alone.
+whole grid, as `pipe.edit` ranks, and `contrastive+likelihood naive` that of the redrawn codes alone; `prior pmi`
+picks by how much more likely the prior finds the grid under the prompt than under the empty prompt, and
+`contrastive+likelihood+pmi` adds that standing to the two `contrastive+likelihood` sums.
 `hard_misses` counts the edits the model's pick misses in which under 15% of the drawings match (the drawing's
 fault), against `easy_misses` (the pick's). Ends with one JSON line.
 """
@@ -26,7 +28,7 @@ from tqdm.auto import tqdm
 from common.cli import ArgumentParser
 from corpora.shapes_judge import load_judge
 from pipelines.editing import code_cells, edit_region
-from pipelines.text_to_image import DEMO_MODEL, RERANKERS, TextToImagePipeline, best_candidates
+from pipelines.text_to_image import DEMO_MODEL, RERANKERS, TextToImagePipeline, best_candidates, standing
 
 sys.path.insert(0, str(Path(__file__).parent))
 from edit_quality import edits  # noqa: E402
@@ -60,19 +62,36 @@ def main() -> None:
         out = pipe.edit(picture, box, prompt, num_images_per_prompt=count, generator=generator, show_progress=False,
                         **settings)  # fmt: skip
         redrawn = code_cells(edit_region(box, picture.size, resolution), grid).flatten().to(pipe.device)
-        with torch.no_grad():  # each code's log-probability under the prompt, as `Generation.log_probs` holds it
+        with torch.no_grad():  # each code's log-probability under the prompt (as `Generation.log_probs` holds it)
+            # and under the empty prompt
             features, mask = pipe.contrastive.text_token_features([prompt] * count)
             codes = out.codes.flatten(1)
-            logits, _ = pipe.prior(codes, features, text_mask=mask, drop=torch.zeros(count, dtype=torch.bool))
-            log_probs = logits.float().log_softmax(-1).gather(2, codes[..., None])[..., 0].cpu()
+            log_probs, null_log_probs = (
+                pipe.prior(codes, features, text_mask=mask, drop=torch.full((count,), drop))[0]
+                .float().log_softmax(-1).gather(2, codes[..., None])[..., 0].cpu()
+                for drop in (False, True)
+            )  # fmt: skip
         matches = torch.tensor(judge.score(out.prompts, out.images).matches)
-        groups.append((out.scores, out.null_scores, log_probs, redrawn.cpu(), matches))
-    if args.save:  # per edit: contrastive and null scores, each code's log-probability, the redrawn codes, verdicts
+        groups.append((out.scores, out.null_scores, log_probs, redrawn.cpu(), matches, null_log_probs))
+    if args.save:  # per edit: contrastive and null scores, each code's log-probability under the prompt, the
+        # redrawn codes, the verdicts, and each code's log-probability under the empty prompt
         torch.save(groups, args.save)
+
+    def pmi_picked(k: int, with_others: bool) -> float:
+        """Match rate when picking by the prior's pointwise mutual information of the grid and the prompt (mean
+        log-probability per code under the prompt less that under the empty prompt), alone or with the standings
+        `contrastive+likelihood` sums."""
+        hits = []
+        for scores, _, log_probs, _, matches, null_log_probs in groups:
+            rank = (log_probs[:k] - null_log_probs[:k]).mean(1)[None]
+            if with_others:
+                rank = standing(rank) + standing(scores[None, :k].float()) + standing(log_probs[:k].mean(1)[None])
+            hits.append(matches[rank.argmax()].item())
+        return round(sum(hits) / len(hits), 4)
 
     def picked(k: int, rerank: str, fitted: bool) -> torch.Tensor:
         hits = []
-        for scores, nulls, log_probs, redrawn, matches in groups:
+        for scores, nulls, log_probs, redrawn, matches, _ in groups:
             likelihood = log_probs[:k].mean(1) if fitted else log_probs[:k, redrawn].mean(1)
             hits.append(matches[best_candidates(scores[:k], nulls[:k], likelihood, k, rerank)].item())
         return torch.tensor(hits)
@@ -87,6 +106,8 @@ def main() -> None:
             "best_possible": round((fractions > 0).float().mean().item(), 4),
             **{rerank: round(picked(k, rerank, True).float().mean().item(), 4) for rerank in RERANKERS},
             f"{LIKELIHOOD} naive": round(picked(k, LIKELIHOOD, False).float().mean().item(), 4),
+            "prior pmi": pmi_picked(k, False),
+            f"{LIKELIHOOD}+pmi": pmi_picked(k, True),
             "hard_misses": int(((fractions < 0.15) & ~default_hits.bool()).sum()),
             "easy_misses": int(((fractions >= 0.15) & ~default_hits.bool()).sum()),
         }

@@ -81,6 +81,11 @@ def check_sampling(sampling: object, codebook_size: int) -> dict:
     return merged
 
 
+def standing(values: torch.Tensor) -> torch.Tensor:
+    """Each value's standing in its row of `values` (groups, candidates): its z-score among the row's values."""
+    return (values - values.mean(1, keepdim=True)) / (values.std(1, keepdim=True) + 1e-6)
+
+
 def best_candidates(
     scores: torch.Tensor,
     null_scores: torch.Tensor,
@@ -93,10 +98,6 @@ def best_candidates(
     if rerank == "contrastive-null":
         groups = groups - null_scores.float().view(-1, num_candidates).to(groups.device)
     elif rerank == "contrastive+likelihood":
-
-        def standing(values: torch.Tensor) -> torch.Tensor:
-            return (values - values.mean(1, keepdim=True)) / (values.std(1, keepdim=True) + 1e-6)
-
         groups = standing(groups) + standing(log_likelihoods.float().view(-1, num_candidates).to(groups.device))
     return groups.argmax(1) + torch.arange(len(groups), device=groups.device) * num_candidates
 
